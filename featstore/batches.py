@@ -1,0 +1,170 @@
+"""Typed values that flow through the pipeline: reader -> encoder -> writer.
+
+A `Sample` is one decoded image (made in a worker process), an `ImageBatch` is what
+the encoder consumes, an `EncodedBatch` is what every writer receives, and
+`EncodingInfo` describes how the features were made (it becomes the per-image JSON
+and the store attributes).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class ImageItem:
+    """One image file found under the input root."""
+
+    key: str  # POSIX path relative to the input root: the index of every output
+    path: str  # the path as featstore opens it (input root as given + key)
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    key: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One decoded, preprocessed image, or the reason it could not be."""
+
+    item: ImageItem
+    pixels: np.ndarray | None = None  # (size, size, 3) uint8, premultiplied RGB
+    mask: np.ndarray | None = None  # (grid, grid) uint8
+    orig_size_hw: tuple[int, int] = (0, 0)
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class ImageBatch:
+    items: list[ImageItem]
+    pixels: Any  # torch.Tensor (B, size, size, 3) uint8
+    masks: np.ndarray  # (B, grid, grid) uint8
+    orig_size_hw: np.ndarray  # (B, 2) int32
+    failures: list[Failure] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class EncodedBatch:
+    """Features of a batch, on the host, ready to be written."""
+
+    items: list[ImageItem]
+    features: np.ndarray  # (B, C, grid, grid) float16 or float32
+    masks: np.ndarray  # (B, grid, grid) uint8
+    orig_size_hw: np.ndarray  # (B, 2) int32
+
+    @property
+    def keys(self) -> list[str]:
+        return [it.key for it in self.items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+@dataclass(frozen=True, slots=True)
+class EncodingInfo:
+    """How the features were made. Two stores with different infos must not mix."""
+
+    model: str  # the name the user gave
+    model_source: dict[str, str]  # kind (hf|local|openai-checkpoint), id/path, revision or sha256
+    family: str
+    feature_type: str
+    clip_output: str  # raw | projected (CLIP); raw for DINOv2
+    size: int
+    grid: int
+    hidden_dim: int  # channels of the stored map
+    dtype: str  # float16 | float32
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize: str = "shorter-side bicubic (antialiased), center crop"
+    premultiply: str = "rgb = uint8(rgb/255 * alpha/255 * 255)"
+    preprocessing: str = "opencv_alpha_multiplication"  # the reference's JSON value
+
+    # What must match for rows to be appended to an existing store.
+    COMPATIBILITY_FIELDS = ("family", "feature_type", "clip_output", "size", "grid", "hidden_dim", "dtype")
+
+    def feature_shape(self) -> tuple[int, int, int]:
+        return (self.hidden_dim, self.grid, self.grid)
+
+    def to_attrs(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "model_source": dict(self.model_source),
+            "family": self.family,
+            "feature_type": self.feature_type,
+            "clip_output": self.clip_output,
+            "size": self.size,
+            "grid": self.grid,
+            "hidden_dim": self.hidden_dim,
+            "dtype": self.dtype,
+            "preprocessing": {
+                "name": self.preprocessing,
+                "mean": list(self.mean),
+                "std": list(self.std),
+                "resize": self.resize,
+                "premultiply": self.premultiply,
+            },
+        }
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> EncodingInfo:
+        pre = attrs.get("preprocessing", {})
+        return cls(
+            model=str(attrs["model"]),
+            model_source={str(k): str(v) for k, v in dict(attrs.get("model_source", {})).items()},
+            family=str(attrs["family"]),
+            feature_type=str(attrs["feature_type"]),
+            clip_output=str(attrs.get("clip_output", "raw")),
+            size=int(attrs["size"]),
+            grid=int(attrs["grid"]),
+            hidden_dim=int(attrs["hidden_dim"]),
+            dtype=str(attrs["dtype"]),
+            mean=tuple(float(x) for x in pre.get("mean", (0, 0, 0))),  # type: ignore[arg-type]
+            std=tuple(float(x) for x in pre.get("std", (1, 1, 1))),  # type: ignore[arg-type]
+            preprocessing=str(pre.get("name", "opencv_alpha_multiplication")),
+        )
+
+    def image_json(self, item: ImageItem, orig_size_hw: Sequence[int]) -> dict[str, Any]:
+        """The per-image JSON of the reference scripts (keys exactly as theirs, in order)."""
+        return {
+            "source": item.path,
+            "orig_size_hw": [int(orig_size_hw[0]), int(orig_size_hw[1])],
+            "size_input": self.size,
+            "feature_shape": list(self.feature_shape()),
+            "mask_shape": [self.grid, self.grid],
+            "dtype": self.dtype,
+            "model": self.model,
+            "feature_type": self.feature_type,
+            "preprocessing": self.preprocessing,
+            "grid_size": self.grid,
+            "hidden_dim": self.hidden_dim,
+        }
+
+
+class Writer(Protocol):
+    """A pipeline output. `build` drives one or more of them with the same batches."""
+
+    def pending(self, keys: Sequence[str]) -> set[str]:
+        """Which of these keys this writer still needs encoded (all of them with overwrite)."""
+        ...
+
+    def write(self, batch: EncodedBatch) -> None:
+        """Write the rows this writer still needs; durable once `close` returns."""
+        ...
+
+    def record_failures(self, failures: Sequence[Failure]) -> None: ...
+
+    def close(self) -> None:
+        """Flush and commit everything written so far (also called after an interrupt)."""
+        ...
+
+
+def source_path(root: str, key: str) -> str:
+    """The image path as the reference scripts print it: the input root as given + key."""
+    return os.path.join(root, *key.split("/"))

@@ -1,0 +1,195 @@
+"""The `featstore` command: each command parses options, calls the library, prints.
+
+Errors from `featstore.errors` become one line on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from featstore import __version__
+from featstore.errors import FeatstoreError
+
+app = typer.Typer(
+    name="featstore",
+    help="Encode folders of images into CLIP / DINOv2 patch-feature maps (Zarr, HDF5 or per-image .npy).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+EXIT_SOME_FAILED = 3
+EXIT_INTERRUPTED = 130
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class ClipOutput(str, Enum):
+    raw = "raw"
+    projected = "projected"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"featstore {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """featstore: precomputed vision features, correct, fast and resumable."""
+
+
+def _progress_factory(quiet: bool) -> Any:
+    """A rich progress bar showing images/s; None when quiet or not on a terminal."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    if quiet or not console.is_terminal:
+        return None
+
+    class _Bar:
+        def __init__(self, total: int) -> None:
+            self.progress = Progress(
+                TextColumn("encoding"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]} img/s  failed {task.fields[failed]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=console,
+            )
+            self.task = self.progress.add_task("encoding", total=total, rate="-", failed=0)
+            self.failed = 0
+
+        def __enter__(self) -> Any:
+            self.progress.__enter__()
+            return self.update
+
+        def __exit__(self, *exc: object) -> None:
+            self.progress.__exit__(*exc)  # type: ignore[arg-type]
+
+        def update(self, done: int, failed: int) -> None:
+            self.failed += failed
+            self.progress.advance(self.task, done + failed)
+            speed = self.progress.tasks[0].speed
+            self.progress.update(self.task, rate=f"{speed:.1f}" if speed else "-", failed=self.failed)
+
+    return _Bar
+
+
+@app.command()
+def build(
+    input: Annotated[Path, typer.Option("--input", "-i", help="Folder of images (searched recursively).")],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Registered name (see `featstore models`), HF repo id, folder or .pt.")
+    ],
+    npy_dir: Annotated[
+        Path | None, typer.Option("--npy-dir", help="Write reference-format .npy/_mask.npy[/.json] files here.")
+    ] = None,
+    store: Annotated[
+        Path | None, typer.Option("--store", help="Write a feature store: PATH.zarr (Zarr v3) or PATH.h5 (HDF5).")
+    ] = None,
+    size: Annotated[
+        int | None, typer.Option(help="Input resolution (a multiple of the patch size). Default: the model's.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N. auto picks CUDA when present.")] = "auto",
+    precision: Annotated[
+        Precision | None, typer.Option(help="Compute precision. Default: fp16 on CUDA, fp32 on CPU.")
+    ] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Alias for --precision fp16.")] = False,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Images per forward pass. Default: by device.")] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=0, help="Decode worker processes (0: decode in this process). Default: by device.")
+    ] = None,
+    save_meta: Annotated[bool, typer.Option("--save-meta", help="Also write the per-image .json.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Re-encode images that already have outputs.")] = False,
+    clip_output: Annotated[
+        ClipOutput, typer.Option(help="CLIP only. raw: last block; projected: ln_post + proj + L2 per patch.")
+    ] = ClipOutput.raw,
+    max_pixels: Annotated[
+        int, typer.Option(min=1, help="Refuse images with more pixels than this (decompression bombs).")
+    ] = 178_956_970,
+    recursive: Annotated[bool, typer.Option(help="Search subfolders of --input.")] = True,
+    strict: Annotated[bool, typer.Option("--strict", help=f"Exit {EXIT_SOME_FAILED} if any image failed.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Encode every image under --input; skips images already done (resume by re-running)."""
+    from featstore.pipeline import BuildOptions
+    from featstore.pipeline import build as run_build
+
+    if fp16 and precision not in (None, Precision.fp16):
+        raise typer.BadParameter("--fp16 conflicts with --precision " + precision.value)  # type: ignore[union-attr]
+    options = BuildOptions(
+        model=model,
+        size=size,
+        device=device,
+        precision="fp16" if fp16 else (precision.value if precision else None),
+        batch_size=batch_size,
+        workers=workers,
+        clip_output=clip_output.value,
+        overwrite=overwrite,
+        recursive=recursive,
+        max_pixels=max_pixels,
+    )
+    result = run_build(
+        input, options, npy_dir=npy_dir, store=store, save_meta=save_meta, progress_factory=_progress_factory(quiet)
+    )
+    typer.echo(result.summary(), err=True)
+    for f in result.failures[:20]:
+        typer.echo(f"  failed: {f.key}: {f.reason}", err=True)
+    if result.failed > 20:
+        typer.echo(f"  ... and {result.failed - 20} more (see the failure log)", err=True)
+    if strict and result.failed:
+        raise typer.Exit(EXIT_SOME_FAILED)
+
+
+@app.command()
+def models() -> None:
+    """List the registered model names with their shapes at --size 224."""
+    from featstore.models import REGISTRY
+
+    header = f"{'name':<36} {'family':<7} {'patch':>5} {'native':>6} {'channels':>8} {'grid@224':>8}  shape@224"
+    typer.echo(header)
+    for spec in REGISTRY.values():
+        g = 224 // spec.patch_size
+        typer.echo(
+            f"{spec.name:<36} {spec.family:<7} {spec.patch_size:>5} {spec.native_size:>6} "
+            f"{spec.hidden_dim:>8} {f'{g}x{g}':>8}  ({spec.hidden_dim}, {g}, {g})"
+        )
+
+
+try:  # the store commands live beside the store code
+    from featstore.cli_store import register as _register_store_commands
+except ImportError:  # pragma: no cover - only while the store module is absent
+    pass
+else:
+    _register_store_commands(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        app(args=argv, prog_name="featstore")
+    except FeatstoreError as e:
+        typer.echo(f"featstore: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("featstore: interrupted; finished work is kept, run the same command again to resume", err=True)
+        sys.exit(EXIT_INTERRUPTED)
