@@ -101,7 +101,7 @@ def build(
         str, typer.Option("--model", "-m", help="Registered name (see `featstore models`), HF repo id, folder or .pt.")
     ],
     npy_dir: Annotated[
-        Path | None, typer.Option("--npy-dir", help="Write reference-format .npy/_mask.npy[/.json] files here.")
+        Path | None, typer.Option("--npy-dir", help="Write reference-format per-image files here (.npy, _mask.npy, .json with --save-meta).")
     ] = None,
     store: Annotated[
         Path | None, typer.Option("--store", help="Write a feature store: PATH.zarr (Zarr v3) or PATH.h5 (HDF5).")

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random-weight models saved with save_pretrained (and loaded
+back through featstore's real loading path), and synthetic images made in tmp dirs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+TINY_SIZE = 32  # tiny models: patch 8, native 32 -> grid 4
+
+
+def _save(model, path: Path) -> str:
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Folders holding tiny CLIP / DINOv2 / DINOv2-with-registers checkpoints."""
+    import torch
+    import transformers
+
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    clip_cfg = transformers.CLIPVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        patch_size=8, image_size=32, projection_dim=48, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+    )
+    dino = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=8, image_size=32, mlp_ratio=2)
+    full_clip = transformers.CLIPModel(
+        transformers.CLIPConfig(
+            vision_config=clip_cfg.to_dict(),
+            text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                             vocab_size=100, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+            projection_dim=48,
+        )
+    )
+    return {
+        "clip": _save(transformers.CLIPVisionModelWithProjection(clip_cfg), root / "clip"),
+        "clip_full": _save(full_clip, root / "clip_full"),
+        "dino": _save(transformers.Dinov2Model(transformers.Dinov2Config(**dino)), root / "dino"),
+        "dino_reg": _save(
+            transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(num_register_tokens=4, **dino)),
+            root / "dino_reg",
+        ),
+    }
+
+
+def make_rgba(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """Random colours over a smooth gradient, with a transparent left part."""
+    rng = np.random.default_rng(seed)
+    rgba = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    rgba[:, : w // 3, 3] = 0
+    rgba[: h // 4, w // 3 :, 3] = 128
+    return rgba
+
+
+@pytest.fixture
+def image_dir(tmp_path: Path) -> Path:
+    """A small folder: RGBA / RGB / grayscale PNGs, a JPEG, and one in a subfolder."""
+    d = tmp_path / "images"
+    (d / "sub").mkdir(parents=True)
+    Image.fromarray(make_rgba(32, 32, 1)).save(d / "a_rgba.png")
+    Image.fromarray(make_rgba(32, 32, 2)[..., :3]).save(d / "b_rgb.png")
+    Image.fromarray(make_rgba(32, 32, 3)[..., 0]).save(d / "c_gray.png")
+    Image.fromarray(make_rgba(48, 64, 4)[..., :3]).save(d / "d_photo.jpg", quality=95)
+    Image.fromarray(make_rgba(40, 32, 5)).save(d / "sub" / "e.png")
+    return d
