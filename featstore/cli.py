@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,13 +29,13 @@ EXIT_SOME_FAILED = 3
 EXIT_INTERRUPTED = 130
 
 
-class Precision(str, Enum):
+class Precision(StrEnum):
     fp32 = "fp32"
     fp16 = "fp16"
     bf16 = "bf16"
 
 
-class ClipOutput(str, Enum):
+class ClipOutput(StrEnum):
     raw = "raw"
     projected = "projected"
 
@@ -58,7 +58,14 @@ def _root(
 def _progress_factory(quiet: bool) -> Any:
     """A rich progress bar showing images/s; None when quiet or not on a terminal."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     console = Console(stderr=True)
     if quiet or not console.is_terminal:
@@ -101,7 +108,10 @@ def build(
         str, typer.Option("--model", "-m", help="Registered name (see `featstore models`), HF repo id, folder or .pt.")
     ],
     npy_dir: Annotated[
-        Path | None, typer.Option("--npy-dir", help="Write reference-format per-image files here (.npy, _mask.npy, .json with --save-meta).")
+        Path | None,
+        typer.Option(
+            "--npy-dir", help="Write reference-format per-image files here (.npy, _mask.npy, .json with --save-meta)."
+        ),
     ] = None,
     store: Annotated[
         Path | None, typer.Option("--store", help="Write a feature store: PATH.zarr (Zarr v3) or PATH.h5 (HDF5).")

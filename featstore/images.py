@@ -78,7 +78,7 @@ def _to_rgba(im: Image.Image) -> np.ndarray:
     if mode == "L":
         return _gray_to_rgba(np.asarray(im))
     rgb = np.asarray(im.convert("RGB"))
-    alpha = np.full(rgb.shape[:2] + (1,), 255, dtype=np.uint8)
+    alpha = np.full((*rgb.shape[:2], 1), 255, dtype=np.uint8)
     return np.concatenate([rgb, alpha], axis=2)
 
 

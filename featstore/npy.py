@@ -101,7 +101,9 @@ class NpyWriter:
         """Write this run's failures next to the output (one JSON object per line)."""
         path = self.out_dir / FAILURES_FILE
         if self.failures:
-            lines = "".join(json.dumps({"key": f.key, "reason": f.reason}, ensure_ascii=False) + "\n" for f in self.failures)
+            lines = "".join(
+                json.dumps({"key": f.key, "reason": f.reason}, ensure_ascii=False) + "\n" for f in self.failures
+            )
             _atomic_write(path, lambda f: f.write(lines.encode("utf-8")))
         elif path.exists():
             path.unlink()

@@ -10,12 +10,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import threading
 import time
-from contextlib import nullcontext
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from featstore.batches import EncodedBatch, EncodingInfo, Failure, ImageBatch, ImageItem, Sample, Writer
 from featstore.encoder import Encoder, PatchEncoder
-from featstore.errors import ConfigError
+from featstore.errors import ConfigError, OutputError
 from featstore.images import DEFAULT_MAX_PIXELS, discover, load_sample, output_collisions
 from featstore.loading import LoadedModel, load_model
 from featstore.npy import NpyWriter
@@ -193,6 +194,8 @@ class _WriterThread:
                 batch: EncodedBatch = job() if callable(job) else job
                 for w in self.writers:
                     w.write(batch)
+            except OSError as e:
+                self.error = output_error(e)
             except BaseException as e:
                 self.error = e
 
@@ -206,6 +209,13 @@ class _WriterThread:
         self.thread.join()
         if self.error is not None:
             raise self.error
+
+
+def output_error(e: OSError) -> OutputError:
+    """A one-line message for a failed write (disk full, read-only folder, ...)."""
+    where = f" ({e.filename})" if e.filename else ""
+    reason = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    return OutputError(f"cannot write output{where}: {reason}; work committed before this point is kept")
 
 
 def _to_host(features: torch.Tensor) -> Callable[[], np.ndarray]:
@@ -332,17 +342,23 @@ def build(
     info = encoding_info(loaded, encoder, options.model)
 
     writers: list[Writer] = []
-    if store is not None:
-        from featstore.store.writer import open_store_writer
+    try:
+        if store is not None:
+            from featstore.store.writer import open_store_writer
 
-        writers.append(open_store_writer(Path(store), info, overwrite=options.overwrite))
-    if npy_dir is not None:
-        writers.append(NpyWriter(Path(npy_dir), info, save_meta=save_meta, overwrite=options.overwrite))
+            writers.append(open_store_writer(Path(store), info, overwrite=options.overwrite))
+        if npy_dir is not None:
+            writers.append(NpyWriter(Path(npy_dir), info, save_meta=save_meta, overwrite=options.overwrite))
+    except OSError as e:
+        raise output_error(e) from None
 
     failures: list[Failure] = []
     if npy_dir is not None:  # a.png and a.jpg would both write a.npy: refuse the later one
         clashes = output_collisions(items)
-        failures = [Failure(k, f"output name collides with {first!r} (both write the same .npy)") for k, first in clashes.items()]
+        failures = [
+            Failure(k, f"output name collides with {first!r} (both write the same .npy)")
+            for k, first in clashes.items()
+        ]
         items = [it for it in items if it.key not in clashes]
 
     keys = [it.key for it in items]
@@ -370,6 +386,8 @@ def build(
                 failures=failures,
                 progress=update,
             )
+    except OSError as e:
+        raise output_error(e) from None
     finally:
         result.seconds = time.perf_counter() - start
     result.encoded = encoded

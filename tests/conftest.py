@@ -30,15 +30,30 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
     clip_cfg = transformers.CLIPVisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        patch_size=8, image_size=32, projection_dim=48, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        patch_size=8,
+        image_size=32,
+        projection_dim=48,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
     )
     dino = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=8, image_size=32, mlp_ratio=2)
     full_clip = transformers.CLIPModel(
         transformers.CLIPConfig(
             vision_config=clip_cfg.to_dict(),
-            text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                             vocab_size=100, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+            text_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                vocab_size=100,
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+            ),
             projection_dim=48,
         )
     )
@@ -47,7 +62,9 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "clip_full": _save(full_clip, root / "clip_full"),
         "dino": _save(transformers.Dinov2Model(transformers.Dinov2Config(**dino)), root / "dino"),
         "dino_reg": _save(
-            transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(num_register_tokens=4, **dino)),
+            transformers.Dinov2WithRegistersModel(
+                transformers.Dinov2WithRegistersConfig(num_register_tokens=4, **dino)
+            ),
             root / "dino_reg",
         ),
     }

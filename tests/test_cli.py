@@ -33,15 +33,41 @@ def test_models_lists_every_registered_name():
 
 def test_help_documents_build_options():
     out = featstore("build", "--help").stdout
-    for opt in ["--input", "--npy-dir", "--store", "--model", "--size", "--precision", "--fp16", "--batch-size",
-                "--workers", "--save-meta", "--overwrite", "--clip-output"]:
+    for opt in [
+        "--input",
+        "--npy-dir",
+        "--store",
+        "--model",
+        "--size",
+        "--precision",
+        "--fp16",
+        "--batch-size",
+        "--workers",
+        "--save-meta",
+        "--overwrite",
+        "--clip-output",
+    ]:
         assert opt in out
 
 
 def test_build_writes_mirrored_outputs_and_a_summary(tiny_models, image_dir, tmp_path):
     out = tmp_path / "out"
-    p = featstore("build", "-i", str(image_dir), "-m", tiny_models["clip"], "--npy-dir", str(out),
-                  "--size", "32", "--save-meta", "--device", "cpu", "--workers", "1")
+    p = featstore(
+        "build",
+        "-i",
+        str(image_dir),
+        "-m",
+        tiny_models["clip"],
+        "--npy-dir",
+        str(out),
+        "--size",
+        "32",
+        "--save-meta",
+        "--device",
+        "cpu",
+        "--workers",
+        "1",
+    )
     assert "encoded 5, skipped 0, failed 0" in p.stderr
     assert np.load(out / "sub" / "e.npy").shape == (64, 4, 4)
     assert json.loads((out / "sub" / "e.json").read_text())["source"] == str(image_dir / "sub" / "e.png")
@@ -69,23 +95,51 @@ def test_errors_are_one_line_without_traceback(tiny_models, image_dir, tmp_path,
 
 
 def test_missing_input_folder(tmp_path, tiny_models):
-    p = featstore("build", "-i", str(tmp_path / "nope"), "-m", tiny_models["clip"], "--npy-dir", str(tmp_path), ok=False)
+    p = featstore(
+        "build", "-i", str(tmp_path / "nope"), "-m", tiny_models["clip"], "--npy-dir", str(tmp_path), ok=False
+    )
     assert p.returncode == 2 and "does not exist" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_compat_scripts_run_from_any_folder(tiny_models, image_dir, tmp_path):
     out = tmp_path / "compat"
-    run(str(REPO / "cli" / "encode_dino_features.sh"), "--input", str(image_dir), "--output", str(out),
-        "--model", tiny_models["dino_reg"], "--size", "32", "--device", "cpu", "--save_meta", cwd=tmp_path)
+    run(
+        str(REPO / "cli" / "encode_dino_features.sh"),
+        "--input",
+        str(image_dir),
+        "--output",
+        str(out),
+        "--model",
+        tiny_models["dino_reg"],
+        "--size",
+        "32",
+        "--device",
+        "cpu",
+        "--save_meta",
+        cwd=tmp_path,
+    )
     # top-level images only, like the reference scripts
     assert sorted(p.name for p in out.glob("*.npy")) == sorted(
         [f"{n}{s}.npy" for n in ["a_rgba", "b_rgb", "c_gray", "d_photo"] for s in ["", "_mask"]]
     )
     meta = json.loads((out / "a_rgba.json").read_text())
     assert meta["feature_type"] == "dinov2_patch_features" and meta["model"] == tiny_models["dino_reg"]
-    p = run(sys.executable, str(REPO / "cli" / "encode_with_clip.py"), "--input", str(image_dir), "--output",
-            str(tmp_path / "c"), "--model", tiny_models["clip"], "--size", "32", "--device", "cpu", "--fp16",
-            cwd=tmp_path)
+    p = run(
+        sys.executable,
+        str(REPO / "cli" / "encode_with_clip.py"),
+        "--input",
+        str(image_dir),
+        "--output",
+        str(tmp_path / "c"),
+        "--model",
+        tiny_models["clip"],
+        "--size",
+        "32",
+        "--device",
+        "cpu",
+        "--fp16",
+        cwd=tmp_path,
+    )
     assert "encoded 4" in p.stderr
     assert np.load(tmp_path / "c" / "a_rgba.npy").dtype == np.float16
 

@@ -25,7 +25,9 @@ def test_clip_raw_is_the_last_block_without_cls(tiny_models):
     feats = enc.encode(px)
     assert feats.shape == (2, 64, 4, 4) and feats.dtype == torch.float32
     with torch.no_grad():
-        out = loaded.module.vision_model(_reference_input(px, loaded.spec.mean, loaded.spec.std), output_hidden_states=True)
+        out = loaded.module.vision_model(
+            _reference_input(px, loaded.spec.mean, loaded.spec.std), output_hidden_states=True
+        )
     last_block = out.hidden_states[-1]  # before post_layernorm
     assert last_block.shape[1] == 1 + 16
     expected = last_block[:, 1:].reshape(2, 4, 4, 64).permute(0, 3, 1, 2)

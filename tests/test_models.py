@@ -69,10 +69,19 @@ def test_lookup_accepts_repo_ids_and_short_names():
 
 
 def test_spec_from_full_clip_config_reads_the_vision_tower():
-    cfg = {"model_type": "clip", "projection_dim": 768,
-           "vision_config": {"hidden_size": 1024, "patch_size": 14, "image_size": 336, "num_hidden_layers": 24}}
+    cfg = {
+        "model_type": "clip",
+        "projection_dim": 768,
+        "vision_config": {"hidden_size": 1024, "patch_size": 14, "image_size": 336, "num_hidden_layers": 24},
+    }
     spec = spec_from_hf_config("x", "x", cfg)
-    assert (spec.family, spec.hidden_dim, spec.patch_size, spec.native_size, spec.embed_dim) == ("clip", 1024, 14, 336, 768)
+    assert (spec.family, spec.hidden_dim, spec.patch_size, spec.native_size, spec.embed_dim) == (
+        "clip",
+        1024,
+        14,
+        336,
+        768,
+    )
 
 
 def test_spec_from_unsupported_config_is_refused():

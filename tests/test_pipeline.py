@@ -12,8 +12,19 @@ from featstore.errors import ConfigError
 from featstore.pipeline import BuildOptions, build, encode_splitting
 from tests.conftest import make_rgba
 
-JSON_KEYS = ["source", "orig_size_hw", "size_input", "feature_shape", "mask_shape", "dtype", "model",
-             "feature_type", "preprocessing", "grid_size", "hidden_dim"]
+JSON_KEYS = [
+    "source",
+    "orig_size_hw",
+    "size_input",
+    "feature_shape",
+    "mask_shape",
+    "dtype",
+    "model",
+    "feature_type",
+    "preprocessing",
+    "grid_size",
+    "hidden_dim",
+]
 
 
 def _options(model: str, **kw) -> BuildOptions:
