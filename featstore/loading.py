@@ -80,13 +80,13 @@ def _model_class(spec: ModelSpec, *, with_registers: bool) -> Any:
 
 def load_model(name: str, *, dtype: torch.dtype = torch.float32, clip_output: str = "raw") -> LoadedModel:
     """Load weights for `name` (see module docstring), on the CPU, in eval mode."""
-    spec, kind = resolve_spec(name)
-    if kind == "openai-checkpoint":
+    if Path(name).expanduser().is_file():  # read once: the config comes from the loaded model
         from featstore.openai_checkpoint import load_openai_checkpoint
 
-        module, source = load_openai_checkpoint(spec.source, dtype=dtype)
-        return LoadedModel(spec, module.eval(), source)
-
+        module, source = load_openai_checkpoint(Path(name).expanduser(), dtype=dtype)
+        cfg = {**module.config.to_dict(), "model_type": "clip_vision_model"}
+        return LoadedModel(spec_from_hf_config(name, source["path"], cfg), module.eval(), source)
+    spec, kind = resolve_spec(name)
     cls = _model_class(spec, with_registers=spec.num_registers > 0)
     _quiet_transformers()
     try:
