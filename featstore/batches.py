@@ -49,6 +49,12 @@ class ImageBatch:
     orig_size_hw: np.ndarray  # (B, 2) int32
     failures: list[Failure] = field(default_factory=list)
 
+    def pin_memory(self) -> ImageBatch:
+        """Called by the DataLoader's pinning thread (pin_memory=True) on CUDA runs."""
+        if self.pixels is not None:
+            self.pixels = self.pixels.pin_memory()
+        return self
+
 
 @dataclass(slots=True)
 class EncodedBatch:
