@@ -8,7 +8,9 @@ the patch grid. Normalisation happens on the encoder's device.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,10 +18,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from featstore.batches import ImageItem, Sample
+from featstore.batches import Failure, ImageItem, Sample
 from featstore.errors import ConfigError, ImageError
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own bomb limit x2 (about 13,000 x 13,000)
 
 # We check sizes ourselves (with a limit the user can raise), so Pillow's check is off.
@@ -58,22 +60,51 @@ def output_collisions(items: list[ImageItem]) -> dict[str, str]:
     return clashes
 
 
+def unusable_names(items: list[ImageItem]) -> dict[str, Failure]:
+    """Files whose names cannot be keys: {key: Failure with a printable key and the reason}.
+
+    A name that is not valid UTF-8 (a key must be text in the store and in JSON) or that
+    holds a backslash (a path separator on Windows: unsafe in output paths) is refused
+    per file instead of stopping the run.
+    """
+    bad: dict[str, Failure] = {}
+    for it in items:
+        try:
+            it.key.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = it.key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            bad[it.key] = Failure(shown, "file name is not valid UTF-8 (rename the file)")
+            continue
+        if "\\" in it.key:
+            bad[it.key] = Failure(it.key, "file name contains a backslash (rename the file)")
+    return bad
+
+
 def _to_rgba(im: Image.Image) -> np.ndarray:
-    """(H, W, 4) uint8 for any Pillow mode; images without alpha get alpha 255."""
+    """(H, W, 4) uint8 for any Pillow mode; images without alpha get alpha 255.
+
+    16-bit data keeps its high byte (as Pillow does for 16-bit RGB PNGs); float images
+    in [0, 1] are scaled to [0, 255] and rounded (NaN -> 0); a transparency key (tRNS
+    colour of an L/RGB/1/16-bit PNG, palette entry of a GIF/PNG) becomes alpha 0.
+    """
     mode = im.mode
+    key = im.info.get("transparency")
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        arr = (np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8)
-        return _gray_to_rgba(arr)
+        raw = np.asarray(im, dtype=np.uint16)
+        rgba = _gray_to_rgba((raw >> 8).astype(np.uint8))
+        if isinstance(key, int):
+            rgba[..., 3][raw == key] = 0
+        return rgba
     if mode in ("I", "F"):
         arr = np.asarray(im, dtype=np.float64)
         finite = arr[np.isfinite(arr)]
         top = float(finite.max()) if finite.size else 0.0
         scale = 255.0 if (mode == "F" and top <= 1.0) else (255.0 / 65535.0 if top > 255 else 1.0)
-        arr = np.clip(np.nan_to_num(arr * scale), 0, 255).astype(np.uint8)
+        arr = np.clip(np.rint(np.nan_to_num(arr * scale)), 0, 255).astype(np.uint8)
         return _gray_to_rgba(arr)
     if mode == "RGBA":
         return np.asarray(im)
-    if mode in ("LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in im.info):
+    if mode in ("LA", "PA", "La", "RGBa") or (mode in ("P", "L", "RGB", "1") and key is not None):
         return np.asarray(im.convert("RGBA"))
     if mode == "L":
         return _gray_to_rgba(np.asarray(im))
@@ -87,16 +118,79 @@ def _gray_to_rgba(gray: np.ndarray) -> np.ndarray:
     return np.stack([gray, gray, gray, alpha], axis=2)
 
 
+def _check_file(path: str) -> None:
+    """Raise an ImageError saying why `path` is no image file at all (missing, a FIFO, ...).
+
+    Checked before opening: opening a FIFO would block forever, a device never ends.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise ImageError(f"broken symlink (its target {os.readlink(path)!r} does not exist)") from None
+        raise ImageError("file not found (deleted during the run?)") from None
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ImageError("symlink loop") from None
+        raise ImageError(f"cannot read: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError("is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device"
+        raise ImageError(f"not a regular file ({kind})")
+    if st.st_size == 0:
+        raise ImageError("empty file (0 bytes)")
+
+
+def _unrecognised(head: bytes) -> str:
+    """Why a file Pillow does not recognise is no image, from its first bytes."""
+    text = head.removeprefix(b"\xef\xbb\xbf").lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or b"<html" in text:
+        return "not a recognised image format: an HTML page (a failed download?)"
+    if text.startswith(b"<?xml") or b"<svg" in text:
+        return "not a recognised image format: an XML/SVG document"
+    if b"\x00" not in head:
+        try:
+            head[: max(len(head) - 3, 1)].decode("utf-8")  # the cut may split a character
+        except UnicodeDecodeError:
+            pass
+        else:
+            return "not a recognised image format: a text file"
+    return "not a recognised image format"
+
+
+def _decode_error(e: BaseException) -> str:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "truncated" in msg.lower():
+        return f"truncated file ({msg})"
+    if isinstance(e, MemoryError):
+        return "out of memory while decoding (lower --max-pixels)"
+    if isinstance(e, (OSError, ValueError, SyntaxError, EOFError)):
+        return f"cannot decode: {msg}"
+    return f"cannot decode: {type(e).__name__}: {msg}"
+
+
 def open_image(path: str, *, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode to RGBA uint8 (H, W, 4) and the size (H, W) before any resizing.
 
-    JPEGs much larger than `size` are decoded at a reduced scale (`Image.draft`, DCT
-    scaling by a power of two, never below `size` on the shorter side).
+    Refuses (ImageError) anything that is not a decodable image, and images over
+    `max_pixels` before decoding them (their header gives the size). JPEGs much larger
+    than `size` are decoded at a reduced scale (`Image.draft`, DCT scaling by a power
+    of two, never below `size` on the shorter side).
     """
+    _check_file(path)
     try:
-        with warnings.catch_warnings():
+        with open(path, "rb") as f, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(path) as im:
+            head = f.read(1024)
+            f.seek(0)
+            try:
+                im = Image.open(f)
+            except Image.UnidentifiedImageError:
+                raise ImageError(_unrecognised(head)) from None
+            with im:
                 w, h = im.size
                 if w * h > max_pixels:
                     raise ImageError(
@@ -113,23 +207,25 @@ def open_image(path: str, *, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) ->
                 rgba = _to_rgba(im)
     except ImageError:
         raise
-    except IsADirectoryError:
-        raise ImageError("is a directory") from None
     except PermissionError:
         raise ImageError("permission denied") from None
-    except FileNotFoundError:
-        raise ImageError("file not found (broken symlink?)") from None
-    except Image.UnidentifiedImageError:
-        size_bytes = os.path.getsize(path) if os.path.exists(path) else -1
-        what = "empty file" if size_bytes == 0 else "not a recognised image format"
-        raise ImageError(what) from None
-    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
-        raise ImageError(f"cannot decode: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    except Exception as e:  # whatever a hostile file makes a decoder raise: this image fails, the run goes on
+        raise ImageError(_decode_error(e)) from None
     return rgba, (h, w)
 
 
+MAX_RESIZED_SIDE = 64  # times `size`: longer resized sides are never materialised
+
+
 def resize_center_crop(rgba: np.ndarray, size: int) -> np.ndarray:
-    """Shorter side to `size` (antialiased bicubic, per channel), then center crop."""
+    """Shorter side to `size` (antialiased bicubic, per channel), then center crop.
+
+    For extreme aspect ratios (the resized longer side over 64 x `size`: a 1 x 100000
+    strip would otherwise become size x 100000*size, gigabytes) only the kept center is
+    resampled (Pillow's `box`, the same sampling positions); Pillow's rounding differs a
+    little from resize-then-crop there (at most 1 level for wide images; on tall ones up
+    to a few percent on pixel noise).
+    """
     h, w = rgba.shape[:2]
     if (h, w) == (size, size):
         return rgba
@@ -138,9 +234,17 @@ def resize_center_crop(rgba: np.ndarray, size: int) -> np.ndarray:
     else:
         scale = size / min(h, w)
         new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    if max(new_h, new_w) > MAX_RESIZED_SIDE * size:
+        sy, sx = h / new_h, w / new_w
+        src_box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+        chans = [
+            Image.fromarray(np.ascontiguousarray(c)).resize((size, size), Image.Resampling.BICUBIC, box=src_box)
+            for c in (rgba[..., :3], rgba[..., 3])
+        ]
+        return np.concatenate([np.asarray(chans[0]), np.asarray(chans[1])[..., None]], axis=2)
     rgb = Image.fromarray(np.ascontiguousarray(rgba[..., :3])).resize((new_w, new_h), Image.Resampling.BICUBIC)
     alpha = Image.fromarray(np.ascontiguousarray(rgba[..., 3])).resize((new_w, new_h), Image.Resampling.BICUBIC)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
     box = (left, top, left + size, top + size)
     return np.concatenate([np.asarray(rgb.crop(box)), np.asarray(alpha.crop(box))[..., None]], axis=2)
 
@@ -167,6 +271,8 @@ def load_sample(item: ImageItem, *, size: int, grid: int, max_pixels: int = DEFA
         return Sample(item, premultiply(rgba), patch_mask(rgba[..., 3], grid), orig_hw)
     except ImageError as e:
         return Sample(item, error=str(e))
+    except Exception as e:  # a bug on one odd image must not stop the run
+        return Sample(item, error=f"cannot preprocess: {type(e).__name__}: {e}")
 
 
 def iter_samples(items: list[ImageItem], *, size: int, grid: int) -> Iterator[Sample]:

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from featstore.batches import EncodedBatch, EncodingInfo, Failure, ImageBatch, ImageItem, Sample, Writer
 from featstore.encoder import Encoder, PatchEncoder
 from featstore.errors import ConfigError, OutputError
-from featstore.images import DEFAULT_MAX_PIXELS, discover, load_sample, output_collisions
+from featstore.images import DEFAULT_MAX_PIXELS, discover, load_sample, output_collisions, unusable_names
 from featstore.loading import LoadedModel, load_model
 from featstore.npy import NpyWriter
 
@@ -352,10 +352,12 @@ def build(
     except OSError as e:
         raise output_error(e) from None
 
-    failures: list[Failure] = []
+    bad_names = unusable_names(items)  # not UTF-8, backslash: refused per file
+    failures: list[Failure] = list(bad_names.values())
+    items = [it for it in items if it.key not in bad_names]
     if npy_dir is not None:  # a.png and a.jpg would both write a.npy: refuse the later one
         clashes = output_collisions(items)
-        failures = [
+        failures += [
             Failure(k, f"output name collides with {first!r} (both write the same .npy)")
             for k, first in clashes.items()
         ]
