@@ -1,0 +1,370 @@
+"""The on-disk layout every featstore store follows, and the `FeatureStore` reader interface.
+
+A store is a Zarr v3 group (`*.zarr`) or an HDF5 file (`*.h5`, `*.hdf5`) holding the
+same arrays, all with one row per image, in the order the rows were written:
+
+    features      (N, C, g, g)  float16 | float32   the patch-feature map
+    masks         (N, g, g)     uint8               1 where the patch is foreground
+    keys          (N,)          str                 image path relative to the input root
+    sources       (N,)          str                 image path as written into "source"
+    orig_size_hw  (N, 2)        int32               the image's size before resizing
+
+and attributes: `featstore_version`, `layout_version`, `created`, `num_rows`, `failed`
+(a list of {key, reason}) and everything from `EncodingInfo.to_attrs()`.
+
+Only the first `num_rows` rows exist: a writer grows the arrays, writes rows, and
+then commits by raising `num_rows`, so after a crash the arrays may hold more.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from featstore.batches import EncodedBatch, EncodingInfo, Failure, ImageItem
+from featstore.errors import CorruptStoreError, IncompatibleStoreError, StoreError
+
+LAYOUT_VERSION = 1
+
+FEATURES = "features"
+MASKS = "masks"
+KEYS = "keys"
+SOURCES = "sources"
+ORIG_SIZE = "orig_size_hw"
+ARRAYS = (FEATURES, MASKS, KEYS, SOURCES, ORIG_SIZE)
+
+STORE_ATTRS = ("featstore_version", "layout_version", "created", "num_rows", "failed")
+INFO_ATTRS = ("model", "model_source", "family", "feature_type", "size", "grid", "hidden_dim", "dtype")
+FEATURE_DTYPES = ("float16", "float32")
+
+# Rows per Zarr shard, and per step when reading a whole store: ~24 MiB (see _zarr.py).
+STEP_BYTES = 24 * 2**20
+MIN_STEP_ROWS, MAX_STEP_ROWS = 8, 1024
+
+Format = Literal["zarr", "hdf5"]
+ZARR_SUFFIXES = (".zarr",)
+HDF5_SUFFIXES = (".h5", ".hdf5")
+
+
+def store_format(path: str | Path) -> Format:
+    """The format a store path names, by its suffix."""
+    suffix = Path(path).suffix.lower()
+    if suffix in ZARR_SUFFIXES:
+        return "zarr"
+    if suffix in HDF5_SUFFIXES:
+        return "hdf5"
+    raise StoreError(f"{path}: a store path must end in .zarr (Zarr v3) or .h5/.hdf5 (HDF5)")
+
+
+def step_rows(info: EncodingInfo) -> int:
+    """A power of two number of rows holding ~24 MiB of features (8 to 1024 rows)."""
+    row_bytes = info.hidden_dim * info.grid * info.grid * np.dtype(info.dtype).itemsize
+    rows = 2 ** int(math.log2(max(1.0, STEP_BYTES / row_bytes)))
+    return max(MIN_STEP_ROWS, min(MAX_STEP_ROWS, rows))
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One image's row of a store."""
+
+    key: str
+    index: int
+    features: np.ndarray  # (C, g, g)
+    mask: np.ndarray  # (g, g) uint8
+    orig_size_hw: tuple[int, int]
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class RowBatch:
+    """Several rows, stacked, in the order they were asked for."""
+
+    keys: list[str]
+    indices: np.ndarray  # (B,) int64
+    features: np.ndarray  # (B, C, g, g)
+    masks: np.ndarray  # (B, g, g) uint8
+    orig_size_hw: np.ndarray  # (B, 2) int32
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def info_from_attrs(attrs: dict[str, Any], path: str | Path) -> EncodingInfo:
+    """Check the attributes a reader needs and build the `EncodingInfo`; CorruptStoreError if off."""
+    missing = [a for a in (*STORE_ATTRS, *INFO_ATTRS) if a not in attrs]
+    if missing:
+        raise CorruptStoreError(f"{path}: not a featstore store, or damaged: attributes missing: {', '.join(missing)}")
+    version = attrs["layout_version"]
+    if not isinstance(version, int) or version < 1:
+        raise CorruptStoreError(f"{path}: layout_version {version!r} is not a positive integer")
+    if version > LAYOUT_VERSION:
+        raise StoreError(f"{path}: layout version {version} is newer than this featstore reads ({LAYOUT_VERSION})")
+    n = attrs["num_rows"]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise CorruptStoreError(f"{path}: num_rows {n!r} is not a non-negative integer")
+    try:
+        info = EncodingInfo.from_attrs(attrs)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptStoreError(f"{path}: bad encoding attributes ({e})") from None
+    if info.dtype not in FEATURE_DTYPES:
+        raise CorruptStoreError(f"{path}: dtype attribute {info.dtype!r} is not one of {FEATURE_DTYPES}")
+    if info.grid < 1 or info.hidden_dim < 1:
+        raise CorruptStoreError(f"{path}: grid {info.grid} / hidden_dim {info.hidden_dim} must be positive")
+    if not isinstance(attrs["failed"], list):
+        raise CorruptStoreError(f"{path}: attribute 'failed' is not a list")
+    return info
+
+
+def expected_arrays(info: EncodingInfo) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape after the row axis, dtype kind) as the layout defines them."""
+    g = info.grid
+    return {
+        FEATURES: ((info.hidden_dim, g, g), info.dtype),
+        MASKS: ((g, g), "uint8"),
+        KEYS: ((), "str"),
+        SOURCES: ((), "str"),
+        ORIG_SIZE: ((2,), "int32"),
+    }
+
+
+def check_arrays(
+    path: str | Path, info: EncodingInfo, num_rows: int, found: dict[str, tuple[tuple[int, ...], str]]
+) -> None:
+    """Arrays as found on disk (name -> (shape, dtype)) against the attributes; CorruptStoreError if off.
+
+    String arrays are reported with dtype "str" by the backends.
+    """
+    for name, (tail, dtype) in expected_arrays(info).items():
+        if name not in found:
+            raise CorruptStoreError(f"{path}: array '{name}' is missing")
+        shape, got = found[name]
+        if tuple(shape[1:]) != tail or len(shape) != 1 + len(tail):
+            raise CorruptStoreError(
+                f"{path}: array '{name}' has rows of shape {tuple(shape[1:])}, the attributes say {tail}"
+            )
+        if got != dtype:
+            raise CorruptStoreError(f"{path}: array '{name}' has dtype {got}, expected {dtype}")
+        if shape[0] < num_rows:
+            raise CorruptStoreError(f"{path}: array '{name}' holds {shape[0]} rows but num_rows is {num_rows}")
+
+
+def check_compatible(path: str | Path, stored: EncodingInfo, requested: EncodingInfo) -> None:
+    """Refuse to mix rows made differently in one store (IncompatibleStoreError)."""
+    for name in EncodingInfo.COMPATIBILITY_FIELDS:
+        have, want = getattr(stored, name), getattr(requested, name)
+        if have != want:
+            raise IncompatibleStoreError(
+                f"{path} holds {name}={have!r} but this build makes {name}={want!r}; "
+                "write to another store or pass --overwrite"
+            )
+    # Rows imported from .npy files have no known weights: only the fields above can be checked.
+    imported = "imported" in (stored.model_source.get("kind"), requested.model_source.get("kind"))
+    if not imported and stored.model_source != requested.model_source:
+        raise IncompatibleStoreError(
+            f"{path} holds features of model_source={stored.model_source} but this build uses "
+            f"{requested.model_source}; write to another store or pass --overwrite"
+        )
+
+
+def failures_from_attrs(attrs: dict[str, Any]) -> list[Failure]:
+    failed = attrs.get("failed", [])
+    return [Failure(str(f["key"]), str(f.get("reason", ""))) for f in failed if isinstance(f, dict) and "key" in f]
+
+
+class FeatureStore(ABC):
+    """A read-only view of a store's committed rows (a snapshot taken at open).
+
+    Rows are addressed by position (`store[3]`, `store[-1]`) or by key
+    (`store["cats/a.png"]`); `get_batch` reads many rows at once.
+    Use as a context manager, or call `close()`.
+    """
+
+    format: ClassVar[Format]
+
+    def __init__(self, path: Path, attrs: dict[str, Any]) -> None:
+        self.path = path
+        self._attrs = attrs
+        self._info = info_from_attrs(attrs, path)
+        self._n: int = attrs["num_rows"]
+        self._keys: list[str] | None = None
+        self._sources: list[str] | None = None
+        self._orig: np.ndarray | None = None
+        self._index: dict[str, int] | None = None
+
+    # -- what a backend provides -------------------------------------------------------
+
+    @abstractmethod
+    def _read_rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(features, masks) of these rows: sorted, unique, all < len(self)."""
+
+    @abstractmethod
+    def _read_range(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """(features, masks) of the rows start..stop-1."""
+
+    @abstractmethod
+    def _read_column(self, name: str) -> Any:
+        """The first len(self) entries of a small array (keys, sources, orig_size_hw); strings as a list."""
+
+    @abstractmethod
+    def array_details(self) -> dict[str, dict[str, Any]]:
+        """name -> shape, dtype, chunks, codecs (for `featstore info`)."""
+
+    @property
+    @abstractmethod
+    def shard_rows(self) -> int:
+        """Rows per unit of writing (a shard in Zarr); reading in these steps is efficient."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    # -- the interface ---------------------------------------------------------------
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The store's attributes (a copy)."""
+        return copy.deepcopy(self._attrs)
+
+    @property
+    def info(self) -> EncodingInfo:
+        return self._info
+
+    @property
+    def failed(self) -> list[Failure]:
+        """Images that could not be encoded in the last run(s)."""
+        return failures_from_attrs(self._attrs)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def keys(self) -> list[str]:
+        """Keys of the committed rows, in row order."""
+        return list(self._key_list())
+
+    def sources(self) -> list[str]:
+        """Source paths of the committed rows, in row order."""
+        return list(self._source_list())
+
+    def orig_sizes(self) -> np.ndarray:
+        """(N, 2) int32: each image's height and width before resizing."""
+        return self._orig_sizes().copy()
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key in self._key_index()
+
+    def index_of(self, key: str) -> int:
+        try:
+            return self._key_index()[key]
+        except KeyError:
+            raise KeyError(f"{key!r} is not in {self.path}") from None
+
+    def __getitem__(self, item: int | str) -> Row:
+        i = self._position(item)
+        feats, masks = self._read_rows(np.array([i], dtype=np.int64))
+        return Row(self._key_list()[i], i, feats[0], masks[0], self._orig_tuple(i), self._source_list()[i])
+
+    def __iter__(self) -> Iterator[Row]:
+        """Every row in order (read a shard at a time). `key in store` tests keys."""
+        sources = self._source_list()
+        for batch in self.iter_batches():
+            for j, i in enumerate(batch.indices):
+                yield Row(
+                    batch.keys[j], int(i), batch.features[j], batch.masks[j], self._orig_tuple(int(i)), sources[i]
+                )
+
+    def get_batch(self, items: Sequence[int | str] | np.ndarray) -> RowBatch:
+        """Rows by position or key (mixed is fine, repeats too), stacked in the order given."""
+        indices = np.fromiter((self._position(x) for x in items), dtype=np.int64, count=len(items))
+        if len(indices) == 0:
+            c, g = self._info.hidden_dim, self._info.grid
+            feats, masks = np.empty((0, c, g, g), self._info.dtype), np.empty((0, g, g), np.uint8)
+            return RowBatch([], indices, feats, masks, np.empty((0, 2), np.int32))
+        unique, inverse = np.unique(indices, return_inverse=True)
+        feats, masks = self._read_rows(unique)
+        if len(unique) != len(indices) or not np.array_equal(unique, indices):
+            feats, masks = feats[inverse], masks[inverse]
+        keys = self._key_list()
+        return RowBatch([keys[i] for i in indices], indices, feats, masks, self._orig_sizes()[indices])
+
+    def iter_batches(self, batch_size: int | None = None) -> Iterator[RowBatch]:
+        """All rows in order, `batch_size` at a time (default: a shard at a time)."""
+        step = batch_size or self.shard_rows
+        keys = self._key_list()
+        for start in range(0, self._n, step):
+            stop = min(start + step, self._n)
+            feats, masks = self._read_range(start, stop)
+            yield RowBatch(keys[start:stop], np.arange(start, stop), feats, masks, self._orig_sizes()[start:stop])
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        info = self._info
+        shape = (info.hidden_dim, info.grid, info.grid)
+        return f"<FeatureStore {self.format} {str(self.path)!r}: {self._n} rows of {shape} {info.dtype}, {info.model}>"
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _position(self, item: int | str) -> int:
+        if isinstance(item, str):
+            return self.index_of(item)
+        try:
+            i = operator.index(item)
+        except TypeError:
+            raise TypeError(f"rows are addressed by int position or str key, not {type(item).__name__}") from None
+        if not -self._n <= i < self._n:
+            raise IndexError(f"row {i} out of range: {self.path} holds {self._n} rows")
+        return i + self._n if i < 0 else i
+
+    def _key_list(self) -> list[str]:
+        if self._keys is None:
+            self._keys = list(self._read_column(KEYS))
+        return self._keys
+
+    def _key_index(self) -> dict[str, int]:
+        if self._index is None:
+            self._index = {k: i for i, k in enumerate(self._key_list())}
+            if len(self._index) != self._n:
+                raise CorruptStoreError(f"{self.path}: keys are not unique ({self._n - len(self._index)} repeats)")
+        return self._index
+
+    def _orig_sizes(self) -> np.ndarray:
+        if self._orig is None:
+            self._orig = np.asarray(self._read_column(ORIG_SIZE), dtype=np.int32).reshape(-1, 2)
+        return self._orig
+
+    def _orig_tuple(self, i: int) -> tuple[int, int]:
+        h, w = self._orig_sizes()[i]
+        return int(h), int(w)
+
+    def _source_list(self) -> list[str]:
+        if self._sources is None:
+            self._sources = list(self._read_column(SOURCES))
+        return self._sources
+
+
+def encoded_batches(store: FeatureStore, skip_keys: frozenset[str] | set[str] = frozenset()) -> Iterator[EncodedBatch]:
+    """A store's rows in order as `EncodedBatch`es (what writers take), a shard at a time."""
+    sources = store.sources()
+    for batch in store.iter_batches():
+        keep = [j for j, k in enumerate(batch.keys) if k not in skip_keys]
+        if not keep:
+            continue
+        rows = np.asarray(keep)
+        yield EncodedBatch(
+            items=[ImageItem(batch.keys[j], sources[int(batch.indices[j])]) for j in keep],
+            features=batch.features[rows],
+            masks=batch.masks[rows],
+            orig_size_hw=batch.orig_size_hw[rows],
+        )

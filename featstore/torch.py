@@ -1,0 +1,176 @@
+"""`FeatureDataset`: feature stores as a PyTorch map-style Dataset."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from featstore.store import FeatureStore, open_store
+
+_inherited: list[Any] = []  # a forked child keeps its parent's handles here, unused and unclosed
+
+StorePaths = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Mapping[str, str | os.PathLike[str]]
+
+
+def _named_paths(path_or_paths: StorePaths) -> tuple[dict[str, Path], bool]:
+    """name -> path, and whether several stores were given."""
+    if isinstance(path_or_paths, str | os.PathLike):
+        p = Path(path_or_paths)
+        return {p.stem: p}, False
+    if isinstance(path_or_paths, Mapping):
+        named = {str(k): Path(v) for k, v in path_or_paths.items()}
+    else:
+        paths = [Path(p) for p in path_or_paths]
+        named = {p.stem: p for p in paths}
+        if len(named) != len(paths):
+            raise ValueError("stores with the same file name: pass a mapping {name: path} instead")
+    if not named:
+        raise ValueError("no store given")
+    return named, True
+
+
+class FeatureDataset(Dataset):
+    """Rows of one feature store, or of several joined by key, as a torch Dataset.
+
+    One store:
+
+        ds = FeatureDataset("clip.zarr")
+        ds[0] == {"features": Tensor (C, g, g), "mask": Tensor (g, g) uint8, "key": "cats/a.png"}
+
+    Several stores (say CLIP and DINOv2 features of the same images): give a mapping
+    name -> path (or a list of paths, named by their file stems). `features` and `mask`
+    are then dicts by name, which the default collate function batches per name:
+
+        ds = FeatureDataset({"clip": "clip.zarr", "dino": "dino.h5"})
+        ds[0]["features"]["dino"]  # Tensor (1024, 16, 16)
+
+    Rows: `keys` (in that order; a key missing from any store raises KeyError), else the
+    keys present in every store, in the first store's order. `labels` (key -> anything)
+    adds "label" to each item; with `keys=None` it also selects the rows: those labelled
+    (a labelled key missing from a store raises KeyError). `with_mask=False` drops "mask".
+    `dtype` (e.g. torch.float32) converts the features; default: as stored.
+
+    Works with DataLoader workers under fork and spawn: the dataset pickles only paths
+    and row numbers, and each process opens the stores itself on first use. Batched
+    reads (`__getitems__`, used by DataLoader) read each store with one `get_batch`.
+
+    Zarr stores are read with TensorStore when installed, except, by default, in the
+    main process: TensorStore aborts a forked process that uses it after its parent
+    did, so if the main process used it, forked DataLoader workers would have to fall
+    back to zarr-python (~10x slower). `engine="auto"` uses TensorStore in the main
+    process too (for num_workers=0, or with spawn/forkserver workers); `engine="zarr"`
+    never uses it.
+    """
+
+    def __init__(
+        self,
+        path_or_paths: StorePaths,
+        keys: Sequence[str] | None = None,
+        with_mask: bool = True,
+        labels: Mapping[str, Any] | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        engine: str | None = None,
+    ) -> None:
+        self.paths, self.joined = _named_paths(path_or_paths)
+        if engine not in (None, "auto", "tensorstore", "zarr"):
+            raise ValueError(f"engine must be None, 'auto', 'tensorstore' or 'zarr', not {engine!r}")
+        self.engine = engine
+        self.with_mask = with_mask
+        self.dtype = dtype
+        self._stores: dict[str, FeatureStore] = {}
+        self._pid = os.getpid()
+        stores = self._open()
+        indexes = {name: {k: i for i, k in enumerate(s.keys())} for name, s in stores.items()}
+        first = next(iter(indexes.values()))
+        if keys is None and labels is not None:
+            keys = [k for k in first if k in labels]
+            keys += [k for k in labels if k not in first]  # reported as missing below
+        if keys is None:
+            keys = [k for k in first if all(k in idx for idx in indexes.values())]
+        else:
+            keys = list(keys)
+            for name, idx in indexes.items():
+                missing = [k for k in keys if k not in idx]
+                if missing:
+                    raise KeyError(
+                        f"{len(missing)} key(s) are not in store {name!r} ({self.paths[name]}), e.g. {missing[0]!r}"
+                    )
+        if labels is not None:
+            unlabelled = [k for k in keys if k not in labels]
+            if unlabelled:
+                raise KeyError(f"{len(unlabelled)} key(s) have no label, e.g. {unlabelled[0]!r}")
+            self.labels: list[Any] | None = [labels[k] for k in keys]
+        else:
+            self.labels = None
+        self.keys = keys
+        self.rows = {name: np.array([idx[k] for k in keys], dtype=np.int64) for name, idx in indexes.items()}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        n = len(self.keys)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} rows")
+        return self.__getitems__([i % n])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        idx = np.asarray(indices, dtype=np.int64)
+        feats: dict[str, torch.Tensor] = {}
+        masks: dict[str, torch.Tensor] = {}
+        for name, store in self._open().items():
+            batch = store.get_batch(self.rows[name][idx])
+            feats[name] = torch.from_numpy(batch.features)
+            if self.dtype is not None:
+                feats[name] = feats[name].to(self.dtype)
+            masks[name] = torch.from_numpy(batch.masks)
+        items = []
+        for j, i in enumerate(idx.tolist()):
+            item: dict[str, Any] = {"key": self.keys[i]}
+            if self.joined:
+                item["features"] = {name: f[j] for name, f in feats.items()}
+                if self.with_mask:
+                    item["mask"] = {name: m[j] for name, m in masks.items()}
+            else:
+                item["features"] = next(iter(feats.values()))[j]
+                if self.with_mask:
+                    item["mask"] = next(iter(masks.values()))[j]
+            if self.labels is not None:
+                item["label"] = self.labels[i]
+            items.append(item)
+        return items
+
+    def _open(self) -> dict[str, FeatureStore]:
+        """This process's open stores (reopened after a fork)."""
+        if self._pid != os.getpid():
+            _inherited.append(self._stores)  # the parent's handles: not ours to use or close
+            self._stores = {}
+            self._pid = os.getpid()
+        if not self._stores:
+            engine = self.engine
+            if engine is None:
+                engine = "zarr" if torch.utils.data.get_worker_info() is None else "auto"
+            self._stores = {name: open_store(p, engine=engine) for name, p in self.paths.items()}
+        return self._stores
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for s in self._stores.values():
+                s.close()
+        self._stores = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_stores"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._pid = os.getpid()

@@ -1,0 +1,328 @@
+"""One suite every store format must pass: written through StoreWriter, read through open_store.
+
+Each backend's class only says which path suffix (and read engine) it uses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from featstore.batches import EncodedBatch, Failure, ImageItem
+from featstore.errors import CorruptStoreError, IncompatibleStoreError, StoreError, StoreLockedError
+from featstore.store import FeatureStore, Row, open_store, open_store_writer
+from tests.store_helpers import C, G, delete_array, edit_attrs, make_batch, make_info, row_values
+
+KEYS = [f"img{i:02d}.png" for i in range(11)]
+ODD_KEYS = ["with space/a b.png", "ünïcödé/猫.jpg", "emoji 🐈.webp", "x.png"]
+
+
+def write(path: Path, batches: list[list[str]], *, shard_rows: int = 4, overwrite: bool = False, **info) -> None:
+    encoding = make_info(**info)
+    with open_store_writer(path, encoding, overwrite=overwrite, shard_rows=shard_rows) as w:
+        w.pending([k for b in batches for k in b])
+        for keys in batches:
+            w.write(make_batch(keys, info=encoding))
+
+
+def assert_row(row: Row, key: str, index: int) -> None:
+    feats, mask, orig = row_values(key)
+    assert (row.key, row.index, row.source, row.orig_size_hw) == (key, index, f"imgs/{key}", tuple(orig))
+    np.testing.assert_array_equal(row.features, feats)
+    np.testing.assert_array_equal(row.mask, mask)
+    assert row.features.dtype == np.float16 and row.mask.dtype == np.uint8
+
+
+class StoreContract:
+    suffix = ".zarr"
+    engine = "auto"
+
+    @pytest.fixture
+    def path(self, tmp_path: Path) -> Path:
+        return tmp_path / f"feats{self.suffix}"
+
+    def open(self, path: Path) -> FeatureStore:
+        return open_store(path, engine=self.engine)
+
+    def test_read_by_key_and_index(self, path: Path) -> None:
+        write(path, [KEYS[:3], KEYS[3:4], KEYS[4:]])
+        with self.open(path) as s:
+            assert len(s) == 11 and s.keys() == KEYS
+            assert s.format == self.suffix.lstrip(".").replace("h5", "hdf5") and s.path == path
+            for i, k in enumerate(KEYS):
+                assert_row(s[k], k, i)
+                assert_row(s[i], k, i)
+            assert_row(s[-1], KEYS[-1], 10)
+            assert KEYS[0] in s and "nope.png" not in s and 3 not in s
+            with pytest.raises(KeyError, match=r"nope\.png"):
+                s["nope.png"]
+            with pytest.raises(IndexError):
+                s[11]
+            with pytest.raises(IndexError):
+                s[-12]
+            assert [r.key for r in s] == KEYS
+
+    def test_get_batch(self, path: Path) -> None:
+        write(path, [KEYS])
+        with self.open(path) as s:
+            order = [7, "img01.png", -1, 7, np.int64(0)]
+            b = s.get_batch(order)
+            want = ["img07.png", "img01.png", "img10.png", "img07.png", "img00.png"]
+            assert b.keys == want and list(b.indices) == [7, 1, 10, 7, 0] and len(b) == 5
+            assert b.features.shape == (5, C, G, G) and b.masks.shape == (5, G, G)
+            for j, k in enumerate(want):
+                feats, mask, orig = row_values(k)
+                np.testing.assert_array_equal(b.features[j], feats)
+                np.testing.assert_array_equal(b.masks[j], mask)
+                assert list(b.orig_size_hw[j]) == orig
+            empty = s.get_batch([])
+            assert empty.features.shape == (0, C, G, G) and empty.keys == []
+            batches = list(s.iter_batches(batch_size=4))
+            assert [len(x) for x in batches] == [4, 4, 3]
+            np.testing.assert_array_equal(np.concatenate([x.features for x in batches]), s.get_batch(KEYS).features)
+
+    def test_attrs_and_info(self, path: Path) -> None:
+        info = make_info()
+        write(path, [KEYS[:5]])
+        with self.open(path) as s:
+            attrs = s.attrs
+            assert attrs["num_rows"] == 5 and attrs["layout_version"] == 1 and attrs["failed"] == []
+            assert attrs["featstore_version"] and attrs["created"]
+            for k, v in info.to_attrs().items():
+                assert attrs[k] == v, k
+            assert s.info == info
+            attrs["num_rows"] = 99  # a copy
+            assert s.attrs["num_rows"] == 5
+
+    def test_append_across_partial_shards(self, path: Path) -> None:
+        write(path, [KEYS[:6]])
+        info = make_info()
+        with open_store_writer(path, info, overwrite=False, shard_rows=4) as w:
+            assert w.pending(KEYS) == set(KEYS[6:])
+            w.write(make_batch(KEYS[4:9]))  # 4, 5 are in already: skipped
+            w.write(make_batch(["img09.png", "img09.png"]))  # a repeat within a batch
+        write(path, [KEYS])
+        with self.open(path) as s:
+            assert s.keys() == KEYS
+            for i, k in enumerate(KEYS):
+                assert_row(s[i], k, i)
+
+    def test_odd_keys(self, path: Path) -> None:
+        write(path, [ODD_KEYS])
+        with self.open(path) as s:
+            assert s.keys() == ODD_KEYS
+            for i, k in enumerate(ODD_KEYS):
+                assert_row(s[k], k, i)
+
+    def test_key_that_is_not_utf8_becomes_a_failure(self, path: Path) -> None:
+        bad = "caf\udce9.png"  # os.listdir's surrogate escape of a Latin-1 file name
+        with open_store_writer(path, make_info(), overwrite=False, shard_rows=4) as w:
+            w.write(make_batch(["ok.png", bad]))
+        with self.open(path) as s:
+            assert s.keys() == ["ok.png"]
+            assert len(s.failed) == 1 and "UTF-8" in s.failed[0].reason
+
+    @pytest.mark.parametrize(
+        ("field", "value"),
+        [("grid", 8), ("dtype", "float32"), ("hidden_dim", 32), ("clip_output", "projected"), ("size", 336)],
+    )
+    def test_incompatible_info_refused(self, path: Path, field: str, value: object) -> None:
+        write(path, [KEYS[:2]])
+        with pytest.raises(IncompatibleStoreError) as e:
+            open_store_writer(path, make_info(**{field: value}), overwrite=False)
+        msg = str(e.value)
+        assert f"{field}=" in msg and repr(value) in msg and "\n" not in msg
+        write(path, [KEYS[:2]], overwrite=True, **{field: value})  # --overwrite replaces it
+
+    def test_other_model_source_refused(self, path: Path) -> None:
+        write(path, [KEYS[:2]])
+        other = make_info(model_source={"kind": "hf", "id": "someone/finetuned-clip", "revision": "y"})
+        with pytest.raises(IncompatibleStoreError, match="model_source"):
+            open_store_writer(path, other, overwrite=False)
+
+    def test_second_writer_refused(self, path: Path) -> None:
+        import os
+
+        w = open_store_writer(path, make_info(), overwrite=False, shard_rows=4)
+        try:
+            with pytest.raises(
+                StoreLockedError, match=rf"being written by another featstore build \(pid {os.getpid()}\)"
+            ):
+                open_store_writer(path, make_info(), overwrite=False)
+        finally:
+            w.close()
+        open_store_writer(path, make_info(), overwrite=False).close()
+        assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no lock or stage left
+
+    def test_overwrite_keeps_old_store_until_close(self, path: Path) -> None:
+        write(path, [KEYS[:5]])
+        with open_store_writer(path, make_info(), overwrite=True, shard_rows=4) as w:
+            assert w.pending(KEYS[:5]) == set(KEYS[:5])
+            w.write(make_batch(KEYS[3:7]))
+            with self.open(path) as old:
+                assert old.keys() == KEYS[:5]
+        with self.open(path) as s:
+            assert s.keys() == KEYS[3:7]
+        assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+    def test_failures_recorded_and_cleared_on_success(self, path: Path) -> None:
+        with open_store_writer(path, make_info(), overwrite=False, shard_rows=4) as w:
+            w.write(make_batch(KEYS[:2]))
+            w.record_failures([Failure("a.png", "cannot decode"), Failure("b.png", "too big")])
+        with self.open(path) as s:
+            assert s.attrs["failed"] == [
+                {"key": "a.png", "reason": "cannot decode"},
+                {"key": "b.png", "reason": "too big"},
+            ]
+        with open_store_writer(path, make_info(), overwrite=False, shard_rows=4) as w:
+            assert w.pending(["a.png", "b.png", KEYS[0]]) == {"a.png", "b.png"}
+            w.write(make_batch(["a.png"]))
+            w.record_failures([Failure("b.png", "still too big")])
+        with self.open(path) as s:
+            assert s.failed == [Failure("b.png", "still too big")]
+            assert s.keys() == [*KEYS[:2], "a.png"]
+
+    def test_empty_store(self, path: Path) -> None:
+        open_store_writer(path, make_info(), overwrite=False).close()
+        with self.open(path) as s:
+            assert len(s) == 0 and s.keys() == [] and list(s) == []
+
+    def test_batch_of_wrong_shape_refused(self, path: Path) -> None:
+        with open_store_writer(path, make_info(), overwrite=False) as w:
+            bad = make_batch(["a.png"])
+            with pytest.raises(StoreError, match="do not match"):
+                w.write(EncodedBatch(bad.items, bad.features.astype(np.float32), bad.masks, bad.orig_size_hw))
+            with pytest.raises(StoreError, match="do not match"):
+                w.write(EncodedBatch(bad.items, bad.features[:, :, :2], bad.masks, bad.orig_size_hw))
+
+    def test_missing_and_misnamed(self, tmp_path: Path) -> None:
+        with pytest.raises(StoreError, match="no store at"):
+            self.open(tmp_path / f"absent{self.suffix}")
+        with pytest.raises(StoreError, match=r"must end in \.zarr"):
+            open_store(tmp_path / "x.parquet")
+        with pytest.raises(StoreError, match="read-only"):
+            open_store(tmp_path / f"absent{self.suffix}", mode="a")
+
+    def test_not_a_store(self, tmp_path: Path) -> None:
+        p = tmp_path / f"junk{self.suffix}"
+        if self.suffix == ".zarr":
+            p.mkdir()
+        else:
+            p.write_bytes(b"not hdf5")
+        with pytest.raises(CorruptStoreError):
+            self.open(p)
+
+    def test_store_that_lies_is_refused(self, path: Path) -> None:
+        write(path, [KEYS[:5]])
+        edit_attrs(path, hidden_dim=C * 2)
+        with pytest.raises(CorruptStoreError, match="features"):
+            self.open(path)
+        edit_attrs(path, hidden_dim=C, num_rows=6)
+        with pytest.raises(CorruptStoreError, match="num_rows is 6"):
+            self.open(path)
+        edit_attrs(path, num_rows=5, dtype="float32")
+        with pytest.raises(CorruptStoreError, match="dtype"):
+            self.open(path)
+        edit_attrs(path, dtype="float16")
+        self.open(path).close()
+        delete_array(path, "masks")
+        with pytest.raises(CorruptStoreError, match="'masks' is missing"):
+            self.open(path)
+        with pytest.raises(CorruptStoreError):
+            open_store_writer(path, make_info(), overwrite=False)
+        write(path, [KEYS[:2]], overwrite=True)  # --overwrite replaces a damaged store
+
+    def test_only_committed_rows_are_read(self, path: Path) -> None:
+        write(path, [KEYS[:10]])
+        edit_attrs(path, num_rows=7)  # as if a crash came between writing rows and committing them
+        with self.open(path) as s:
+            assert len(s) == 7 and s.keys() == KEYS[:7]
+            assert KEYS[8] not in s
+            with pytest.raises(IndexError):
+                s[7]
+        write(path, [KEYS])
+        with self.open(path) as s:
+            assert s.keys() == KEYS
+            for i, k in enumerate(KEYS):
+                assert_row(s[i], k, i)
+
+
+class TestZarr(StoreContract):
+    suffix = ".zarr"
+
+
+class TestZarrWithZarrPython(StoreContract):
+    """The same store read without TensorStore."""
+
+    suffix = ".zarr"
+    engine = "zarr"
+
+
+class TestHdf5(StoreContract):
+    suffix = ".h5"
+
+
+def test_zarr_writes_each_shard_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows are buffered: a shard file is written once per commit, never once per batch."""
+    from zarr.storage import LocalStore
+
+    from featstore.store._zarr import ZarrAppender
+
+    path = tmp_path / "s.zarr"
+    write(path, [KEYS[:6]])
+    appender = ZarrAppender(path)
+    writes: list[str] = []
+    original = LocalStore.set
+
+    async def counting_set(self, key, value, *args, **kwargs):  # type: ignore[no-untyped-def]
+        writes.append(key)
+        return await original(self, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(LocalStore, "set", counting_set)
+    for k in KEYS[6:]:  # one row at a time
+        b = make_batch([k])
+        appender.append(b.keys, [it.path for it in b.items], b.features, b.masks, b.orig_size_hw)
+    appender.commit({})
+    chunks = sorted(k for k in writes if "/c/" in k)
+    assert [k for k in chunks if k.startswith("features/")] == ["features/c/1/0/0/0", "features/c/2/0/0/0"]
+    assert len(chunks) == len(set(chunks)) == 10  # 5 arrays x 2 shards, each once
+    monkeypatch.undo()
+    with open_store(path) as s:
+        assert s.keys() == KEYS
+
+
+def test_hdf5_file_layout(tmp_path: Path) -> None:
+    import h5py
+
+    path = tmp_path / "s.hdf5"
+    write(path, [KEYS])
+    with h5py.File(path, "r") as f:
+        assert f["features"].chunks == (1, C, G, G) and f["features"].compression is None
+        assert set(f) == {"features", "masks", "keys", "sources", "orig_size_hw"}
+
+
+def test_writer_item_path_is_source(tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"
+    b = make_batch(["a.png"])
+    b = EncodedBatch([ImageItem("a.png", "/abs/root/a.png")], b.features, b.masks, b.orig_size_hw)
+    with open_store_writer(path, make_info(), overwrite=False) as w:
+        w.write(b)
+    with open_store(path) as s:
+        assert s["a.png"].source == "/abs/root/a.png" and s.sources() == ["/abs/root/a.png"]
+
+
+def test_reading_does_not_import_torch(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    for name in ("s.zarr", "s.h5"):
+        write(tmp_path / name, [KEYS[:3]])
+    code = (
+        "import sys\nfrom featstore.store import open_store\n"
+        "for p in sys.argv[1:]:\n"
+        "    with open_store(p) as s:\n        s[0], s.get_batch([0, 2]), list(s)\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "s.zarr"), str(tmp_path / "s.h5")], check=True)
