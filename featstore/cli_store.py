@@ -89,7 +89,8 @@ def info(
         f"size {d['size']}, shape {tuple(d['feature_shape'])} {d['dtype']}",
         f"rows          {d['num_rows']}   failed: {d['num_failed']}",
         f"disk          {_size(d['bytes_on_disk'])} in {d['file_count']} file(s); "
-        f"numeric data {_size(d['uncompressed_bytes'])} uncompressed" + (f" (ratio {ratio:.2f})" if ratio else ""),
+        f"numeric data {_size(d['uncompressed_bytes'])} uncompressed"
+        + (f" (compression ratio {ratio:.2f})" if ratio else ""),
         "arrays",
     ]
     for name, a in d["arrays"].items():
