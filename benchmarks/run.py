@@ -152,7 +152,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "precision": args.precision or default_precision(device),
         "threads": threads,
         "workers": default_workers(device) if args.workers is None else args.workers,
-        "batch_size": args.batch_size,  # None: model-only's best, filled in later
+        "batch_size": args.batch_size,  # None: featstore's default batch, filled in later
         "batch_sizes": sweep,
         "images": images,
         "input_kind": args.input_kind,
@@ -266,9 +266,8 @@ def compute_sections(cfg: dict[str, Any], sections: list[str], work: Path, folde
             model_rounds.append(mo)
             rates = ", ".join(f"b{b}: {v.get('images_per_s', 0):.1f}" for b, v in mo["by_batch"].items())
             log(f"round {r + 1} model-only images/s {rates}")
-        if cfg["batch_size"] is None:
-            best = model_rounds[-1]["best_batch"] if model_rounds else None
-            cfg["batch_size"] = best or default_batch_size(device, encoder.out_dim)
+        if cfg["batch_size"] is None:  # what users get without flags
+            cfg["batch_size"] = default_batch_size(device, encoder.out_dim)
         if "e2e" in sections:
             options = BuildOptions(
                 model=cfg["model"],
@@ -344,9 +343,8 @@ def decode_section(cfg: dict[str, Any], pools: dict[str, list[Path]], results: d
 
 def read_section(cfg: dict[str, Any], work: Path, pools: dict[str, list[Path]], results: dict, cold_ok: bool) -> None:
     try:
-        from featstore.torch import FeatureDataset  # noqa: F401
-
         from featstore.store import open_store  # noqa: F401
+        from featstore.torch import FeatureDataset  # noqa: F401
     except ImportError as e:
         results["read"] = {"status": f"skipped: store not available ({e})"}
         log(results["read"]["status"])

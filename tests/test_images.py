@@ -127,3 +127,19 @@ def test_pixel_limit_refuses_before_decoding(tmp_path):
 def test_output_collisions_keep_the_first_key():
     items = [ImageItem(k, k) for k in ["a.jpg", "a.png", "b.png", "s/a.png"]]
     assert output_collisions(items) == {"a.png": "a.jpg"}
+
+
+@pytest.mark.parametrize(("h", "w", "size"), [(375, 500, 224), (50, 40, 32), (30, 300, 16)])
+def test_resize_treats_the_four_channels_independently(h, w, size):
+    """Same result as resizing RGB and alpha as separate images (no premultiplied resize)."""
+    rgba = np.random.default_rng(h).integers(0, 256, (h, w, 4), dtype=np.uint8)
+    scale = size / min(h, w)
+    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+    if max(new) > 64 * size:
+        pytest.skip("extreme aspect ratios resample the kept centre only")
+    rgb = Image.fromarray(np.ascontiguousarray(rgba[..., :3])).resize(new, Image.Resampling.BICUBIC)
+    alpha = Image.fromarray(np.ascontiguousarray(rgba[..., 3])).resize(new, Image.Resampling.BICUBIC)
+    top, left = (new[1] - size) // 2, (new[0] - size) // 2
+    box = (left, top, left + size, top + size)
+    expected = np.dstack([np.asarray(rgb.crop(box)), np.asarray(alpha.crop(box))])
+    assert np.array_equal(resize_center_crop(rgba, size), expected)
