@@ -178,11 +178,12 @@ def read_store(
     path: Path, npy_dir: Path, *, single_reads: int, batches: int, epochs: int, cold: bool, seed: int = 0
 ) -> dict[str, Any]:
     """Store reader vs per-image .npy, on the same rows, for one store (.zarr or .h5)."""
+    from featstore.store import open_store
     from featstore.torch import FeatureDataset
 
-    from featstore.store import open_store
-
-    store = open_store(path)
+    # zarr-python for this first look: had this process used TensorStore before the
+    # DataLoader forks, its workers would have to fall back to zarr-python.
+    store = open_store(path, engine="zarr") if Path(path).suffix == ".zarr" else open_store(path)
     n = len(store)
     keys = [str(k) for k in store.keys()]  # noqa: SIM118  (the FeatureStore API)
     feats, masks = npy_paths(npy_dir, keys)
