@@ -10,9 +10,10 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from featstore.errors import ConfigError, ImageError
+from featstore.images import open_image, premultiply, resize_center_crop
 from featstore.npy import output_stem
 from featstore.store import FeatureStore
 
@@ -48,12 +49,11 @@ def _upscale(a: np.ndarray, size: int) -> Image.Image:
 def _source_tile(image_root: Path, key: str, size: int) -> Image.Image:
     output_stem(image_root, key)  # refuses keys that would leave image_root
     path = image_root.joinpath(*key.split("/"))
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB")
-            return ImageOps.fit(im, (size, size), Image.Resampling.BICUBIC)  # shorter side, centre crop
-    except OSError as e:
+    try:  # exactly the pixels the model saw: premultiplied, resized and cropped as in a build
+        rgba, _ = open_image(str(path), size=size)
+    except ImageError as e:
         raise ImageError(f"cannot read {path}: {e}") from None
+    return Image.fromarray(premultiply(resize_center_crop(rgba, size)))
 
 
 def render_preview(
