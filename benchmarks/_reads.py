@@ -181,16 +181,14 @@ def read_store(
     from featstore.store import open_store
     from featstore.torch import FeatureDataset
 
-    # zarr-python for this first look: had this process used TensorStore before the
-    # DataLoader forks, its workers would have to fall back to zarr-python.
-    store = open_store(path, engine="zarr") if Path(path).suffix == ".zarr" else open_store(path)
+    store = open_store(path)  # featstore's layout: the "direct" engine, which forked workers can use too
     n = len(store)
     keys = [str(k) for k in store.keys()]  # noqa: SIM118  (the FeatureStore API)
     feats, masks = npy_paths(npy_dir, keys)
     with_mask = _has_mask(store[0])
     npy_ds = NpyRows(feats, masks if with_mask else None)
     rng = np.random.default_rng(seed)
-    out: dict[str, Any] = {"rows": n, "npy_loads_mask_too": with_mask}
+    out: dict[str, Any] = {"rows": n, "engine": getattr(store, "engine", None), "npy_loads_mask_too": with_mask}
 
     # DataLoader, batch 64, 2 workers: random (shuffle) and sequential; store first, then npy.
     for name, shuffle in (("loader_random", True), ("loader_sequential", False)):

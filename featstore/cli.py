@@ -137,6 +137,10 @@ def build(
         int, typer.Option(min=1, help="Refuse images with more pixels than this (decompression bombs).")
     ] = 178_956_970,
     recursive: Annotated[bool, typer.Option(help="Search subfolders of --input.")] = True,
+    compile: Annotated[
+        bool,
+        typer.Option("--compile", help="torch.compile the model: slower start (compiling), faster long runs on a GPU."),
+    ] = False,
     strict: Annotated[bool, typer.Option("--strict", help=f"Exit {EXIT_SOME_FAILED} if any image failed.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -157,6 +161,7 @@ def build(
         overwrite=overwrite,
         recursive=recursive,
         max_pixels=max_pixels,
+        compile=compile,
     )
     result = run_build(
         input, options, npy_dir=npy_dir, store=store, save_meta=save_meta, progress_factory=_progress_factory(quiet)

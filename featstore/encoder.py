@@ -40,6 +40,7 @@ class PatchEncoder:
         device: torch.device | str = "cpu",
         precision: str = "fp32",
         clip_output: str = "raw",
+        compile: bool = False,
     ) -> None:
         self.spec: ModelSpec = loaded.spec
         self.size = size
@@ -52,6 +53,11 @@ class PatchEncoder:
         self.model = loaded.module.to(device=self.device, dtype=self.compute_dtype).eval()
         self._mean = torch.tensor(self.spec.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.spec.std, device=self.device).view(1, 3, 1, 1)
+        # torch.compile (optional): normalisation, model and token selection as one graph.
+        # The first batch compiles (tens of seconds); a batch of another size (the last
+        # one, an out-of-memory split) compiles once more, with dynamic shapes.
+        self.compiled = compile
+        self._run = torch.compile(self._tokens_to_maps) if compile else self._tokens_to_maps
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
@@ -59,6 +65,9 @@ class PatchEncoder:
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._run(pixels.to(self.device, non_blocking=True))
+
+    def _tokens_to_maps(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.normalize(pixels)
         if self.spec.family == "clip":
             vision = self.model.vision_model  # type: ignore[union-attr]

@@ -50,6 +50,7 @@ class BuildOptions:
     overwrite: bool = False
     recursive: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS
+    compile: bool = False  # torch.compile the model (CUDA: worth it for long runs)
 
 
 @dataclass(slots=True)
@@ -338,7 +339,14 @@ def build(
         loaded = load_model(options.model, clip_output=options.clip_output)
     size = options.size or loaded.spec.default_size
     loaded.spec.grid(size)  # refuses sizes that are not a multiple of the patch
-    encoder = PatchEncoder(loaded, size=size, device=device, precision=precision, clip_output=options.clip_output)
+    encoder = PatchEncoder(
+        loaded,
+        size=size,
+        device=device,
+        precision=precision,
+        clip_output=options.clip_output,
+        compile=options.compile,
+    )
     info = encoding_info(loaded, encoder, options.model)
 
     writers: list[Writer] = []

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from featstore.store import FeatureStore, open_store
+from featstore.store._zarr import _engine_order
 
 _inherited: list[Any] = []  # a forked child keeps its parent's handles here, unused and unclosed
 
@@ -60,12 +61,13 @@ class FeatureDataset(Dataset):
     and row numbers, and each process opens the stores itself on first use. Batched
     reads (`__getitems__`, used by DataLoader) read each store with one `get_batch`.
 
-    Zarr stores are read with TensorStore when installed, except, by default, in the
-    main process: TensorStore aborts a forked process that uses it after its parent
-    did, so if the main process used it, forked DataLoader workers would have to fall
-    back to zarr-python (~10x slower). `engine="auto"` uses TensorStore in the main
-    process too (for num_workers=0, or with spawn/forkserver workers); `engine="zarr"`
-    never uses it.
+    Zarr and HDF5 stores written by featstore are read by byte offset (engine
+    "direct", safe in forked workers). For other Zarr layouts, workers use TensorStore
+    when installed; the main process does not by default (`engine=None`), because
+    TensorStore aborts a forked process that uses it after its parent did, and forked
+    DataLoader workers would then fall back to zarr-python (~10x slower). `engine`
+    passes an engine choice to `open_store` instead ("auto", "direct", "tensorstore",
+    "zarr", or a sequence of them).
     """
 
     def __init__(
@@ -76,11 +78,11 @@ class FeatureDataset(Dataset):
         labels: Mapping[str, Any] | None = None,
         dtype: torch.dtype | None = None,
         *,
-        engine: str | None = None,
+        engine: str | Sequence[str] | None = None,
     ) -> None:
         self.paths, self.joined = _named_paths(path_or_paths)
-        if engine not in (None, "auto", "tensorstore", "zarr"):
-            raise ValueError(f"engine must be None, 'auto', 'tensorstore' or 'zarr', not {engine!r}")
+        if engine is not None:
+            _engine_order(engine)  # a bad name fails here, not in a worker
         self.engine = engine
         self.with_mask = with_mask
         self.dtype = dtype
@@ -156,7 +158,7 @@ class FeatureDataset(Dataset):
         if not self._stores:
             engine = self.engine
             if engine is None:
-                engine = "zarr" if torch.utils.data.get_worker_info() is None else "auto"
+                engine = ("direct", "zarr") if torch.utils.data.get_worker_info() is None else "auto"
             self._stores = {name: open_store(p, engine=engine) for name, p in self.paths.items()}
         return self._stores
 

@@ -107,3 +107,17 @@ def test_full_size_architectures_shapes(name):
     g = 224 // spec.patch_size
     assert feats.shape == (1, spec.hidden_dim, g, g) and feats.dtype == torch.float32
     assert torch.isfinite(feats).all()
+
+
+@pytest.mark.slow
+def test_compiled_encoder_matches_eager(tiny_models):
+    """--compile on the CPU (inductor needs a C++ compiler): the same features, for two batch sizes."""
+    import shutil
+
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    px = _pixels(3, 32)
+    eager = PatchEncoder(load_model(tiny_models["clip"]), size=32).encode(px)
+    enc = PatchEncoder(load_model(tiny_models["clip"]), size=32, compile=True)
+    torch.testing.assert_close(enc.encode(px), eager, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(enc.encode(px[:2]), eager[:2], rtol=1e-4, atol=1e-4)

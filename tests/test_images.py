@@ -38,10 +38,22 @@ def test_premultiply_matches_the_reference_formula_with_truncation():
     assert out.tolist() == [[[100, 50, 1], [255, 255, 255], [0, 0, 0], [0, 0, 0]]]
 
 
-def test_premultiply_keeps_opaque_pixels_exactly():
-    values = np.arange(256, dtype=np.uint8)
-    rgba = np.stack([values, values, values, np.full(256, 255, np.uint8)], axis=1)[None]
-    assert (premultiply(rgba)[0, :, 0] == values).all()
+def reference_premultiply(rgba: np.ndarray) -> np.ndarray:
+    return (rgba[..., :3] / 255 * rgba[..., 3:4] / 255 * 255).astype(np.uint8)
+
+
+def test_premultiply_equals_the_formula_for_every_value_pair():
+    """Every (value, alpha) pair, in an image with transparency and in an opaque one (the fast path)."""
+    v, a = np.meshgrid(np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8), indexing="ij")
+    rgba = np.stack([v, v, v, a], axis=2)  # (256, 256, 4): every pair
+    np.testing.assert_array_equal(premultiply(rgba), reference_premultiply(rgba))
+    opaque = rgba[:, 255:]  # alpha 255 only
+    assert opaque[..., 3].min() == 255
+    np.testing.assert_array_equal(premultiply(opaque), reference_premultiply(opaque))
+    assert (premultiply(opaque)[:, 0, 0] == np.arange(256)).all()  # the identity the fast path relies on
+    almost = opaque.copy()
+    almost[7, 0, 3] = 254
+    np.testing.assert_array_equal(premultiply(almost), reference_premultiply(almost))
 
 
 def test_mask_is_max_pooled_alpha_on_a_known_shape():

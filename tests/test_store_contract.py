@@ -5,6 +5,7 @@ Each backend's class only says which path suffix (and read engine) it uses.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ def assert_row(row: Row, key: str, index: int) -> None:
 class StoreContract:
     suffix = ".zarr"
     engine = "auto"
+    reads_with = "direct"  # the engine that `engine` must end up using
 
     @pytest.fixture
     def path(self, tmp_path: Path) -> Path:
@@ -45,6 +47,11 @@ class StoreContract:
 
     def open(self, path: Path) -> FeatureStore:
         return open_store(path, engine=self.engine)
+
+    def test_engine(self, path: Path) -> None:
+        write(path, [KEYS[:5]])
+        with self.open(path) as s:
+            assert s.engine == self.reads_with  # type: ignore[attr-defined]
 
     def test_read_by_key_and_index(self, path: Path) -> None:
         write(path, [KEYS[:3], KEYS[3:4], KEYS[4:]])
@@ -253,15 +260,60 @@ class TestZarr(StoreContract):
     suffix = ".zarr"
 
 
-class TestZarrWithZarrPython(StoreContract):
-    """The same store read without TensorStore."""
+class TestZarrWithTensorStore(StoreContract):
+    """The same store read by TensorStore (what layouts that "direct" cannot read get)."""
 
     suffix = ".zarr"
-    engine = "zarr"
+    engine = reads_with = "tensorstore"
+
+    @pytest.fixture(autouse=True)
+    def _needs_tensorstore(self) -> None:
+        pytest.importorskip("tensorstore")
+
+
+class TestZarrWithZarrPython(StoreContract):
+    """The same store read by zarr-python."""
+
+    suffix = ".zarr"
+    engine = reads_with = "zarr"
 
 
 class TestHdf5(StoreContract):
     suffix = ".h5"
+
+
+def rechunk_hdf5(path: Path) -> None:
+    """Rewrite an HDF5 store in the chunked layout of earlier featstore versions (features 1 row per chunk)."""
+    import h5py
+
+    if not h5py.is_hdf5(path):
+        return
+    with h5py.File(path, "r+", locking=False) as f:
+        for name in ("features", "masks", "keys", "sources", "orig_size_hw"):
+            ds = f.get(name)
+            if ds is None:
+                continue
+            if ds.chunks is not None or ds.shape[0] == 0:
+                continue
+            data, dtype, shape = ds[...], ds.dtype, ds.shape
+            del f[name]
+            rows = 1 if name == "features" else 1024
+            new = f.create_dataset(
+                name, shape=shape, maxshape=(None, *shape[1:]), dtype=dtype, chunks=(rows, *shape[1:])
+            )
+            new[...] = data
+
+
+class TestHdf5ChunkedWithH5py(StoreContract):
+    """Files in the earlier chunked layout are read through h5py."""
+
+    suffix = ".h5"
+    reads_with = "h5py"
+
+    def open(self, path: Path) -> FeatureStore:
+        if path.is_file():
+            rechunk_hdf5(path)
+        return open_store(path)
 
 
 def test_zarr_writes_each_shard_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -280,7 +332,15 @@ def test_zarr_writes_each_shard_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
         writes.append(key)
         return await original(self, key, value, *args, **kwargs)
 
+    replace = os.replace
+
+    def counting_replace(src, dst, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if Path(dst).is_relative_to(path / "features"):  # feature shards are written by featstore itself
+            writes.append(Path(dst).relative_to(path).as_posix())
+        return replace(src, dst, *args, **kwargs)
+
     monkeypatch.setattr(LocalStore, "set", counting_set)
+    monkeypatch.setattr(os, "replace", counting_replace)
     for k in KEYS[6:]:  # one row at a time
         b = make_batch([k])
         appender.append(b.keys, [it.path for it in b.items], b.features, b.masks, b.orig_size_hw)
@@ -299,8 +359,10 @@ def test_hdf5_file_layout(tmp_path: Path) -> None:
     path = tmp_path / "s.hdf5"
     write(path, [KEYS])
     with h5py.File(path, "r") as f:
-        assert f["features"].chunks == (1, C, G, G) and f["features"].compression is None
         assert set(f) == {"features", "masks", "keys", "sources", "orig_size_hw"}
+        for name in f:  # contiguous: row i at a fixed offset (what the direct reader relies on)
+            assert f[name].chunks is None and f[name].compression is None, name
+        assert f["features"].id.get_offset() is not None
 
 
 def test_writer_item_path_is_source(tmp_path: Path) -> None:

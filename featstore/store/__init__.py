@@ -12,6 +12,7 @@ described in `featstore.store.base`.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from featstore.errors import StoreError
@@ -36,10 +37,12 @@ __all__ = [
 ]
 
 
-def open_store(path: str | os.PathLike[str], mode: str = "r", *, engine: str = "auto") -> FeatureStore:
+def open_store(path: str | os.PathLike[str], mode: str = "r", *, engine: str | Sequence[str] = "auto") -> FeatureStore:
     """Open a store for reading: its committed rows, as of now.
 
-    `engine` (Zarr only): "auto" (TensorStore when installed), "tensorstore" or "zarr".
+    `engine` (Zarr; HDF5 picks by itself): "auto" tries "direct" (byte offsets into
+    featstore's own layout), then "tensorstore" (when installed), then "zarr"; name one
+    to insist on it, or give a sequence to try in order.
     Raises StoreError if there is no store at `path`, CorruptStoreError if its arrays
     and attributes disagree.
     """

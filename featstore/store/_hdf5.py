@@ -8,11 +8,14 @@ reruns failed while appending ("bad heap index"). So a build stages its rows in 
 Zarr store beside the file and `write_hdf5` writes the complete file under a temporary
 name, which is then renamed over the old one (see `featstore.store.writer`).
 
-Layout: `features` chunked one row per chunk, uncompressed. Measured with
-`benchmarks/codec_choice.py`: gzip-1 + shuffle saved 12-14 % but wrote at ~30 MiB/s
-(vs ~1,000) and read 4-12x fewer random rows/s; lzf saved nothing. Small arrays are
-chunked 1,024 rows at a time. Attributes are stored as JSON strings (HDF5 attributes
-cannot hold nested dicts and lists of dicts), all of them, so reading is uniform.
+Layout: `features` and `masks` are contiguous and uncompressed, so row i is at a fixed
+byte offset and the reader takes it with one `pread` (`featstore.store._direct`;
+h5py's own reads cost ~0.3 ms per call). Measured with `benchmarks/codec_choice.py`:
+gzip-1 + shuffle saved 12-14 % but wrote at ~30 MiB/s (vs ~1,000) and read 4-12x fewer
+random rows/s; lzf saved nothing. Every array is contiguous (the file is written
+whole, so nothing needs to grow). Earlier files chunked the arrays (features one row
+per chunk): still read, through h5py. Attributes are stored as JSON strings (HDF5 attributes cannot hold
+nested dicts and lists of dicts), all of them, so reading is uniform.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 
 from featstore.batches import EncodedBatch, EncodingInfo
 from featstore.errors import CorruptStoreError
+from featstore.store._direct import hdf5_rows
 from featstore.store.base import (
     ARRAYS,
     FEATURES,
@@ -38,7 +42,6 @@ from featstore.store.base import (
     step_rows,
 )
 
-SMALL_CHUNK_ROWS = 1024
 STRING_ARRAYS = (KEYS, SOURCES)
 
 
@@ -59,7 +62,8 @@ def _runs(indices: np.ndarray) -> list[tuple[int, int, int]]:
 
 
 class Hdf5FeatureStore(FeatureStore):
-    """Reads an HDF5 store with h5py (one `read_direct` per run of consecutive rows).
+    """Reads an HDF5 store: by byte offset when `features` and `masks` are contiguous
+    (engine "direct"), else with h5py (one `read_direct` per run of consecutive rows).
 
     The file is opened without HDF5 file locking: featstore never writes a file that
     can be open for reading (writers replace it by rename), and locking fails on some
@@ -85,6 +89,8 @@ class Hdf5FeatureStore(FeatureStore):
             self._ds = {n: self._file[n] for n in ARRAYS if isinstance(self._file.get(n), h5py.Dataset)}
             found = {n: (tuple(d.shape), _dtype_name(d)) for n, d in self._ds.items()}
             check_arrays(path, self._info, self._n, found)
+            direct = tuple(hdf5_rows(self._file, self._ds[n], f"{path}:{n}") for n in (FEATURES, MASKS))
+            self._direct = direct if None not in direct else None
         except BaseException:
             self._file.close()
             raise
@@ -100,10 +106,23 @@ class Hdf5FeatureStore(FeatureStore):
             ds.read_direct(out, np.s_[first:stop], np.s_[at : at + stop - first])
         return out
 
+    @property
+    def engine(self) -> str:
+        return "direct" if self._direct is not None else "h5py"
+
     def _read_rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self._read(FEATURES, indices), self._read(MASKS, indices)
+        if self._direct is None:
+            return self._read(FEATURES, indices), self._read(MASKS, indices)
+        c, g = self._info.hidden_dim, self._info.grid
+        feats = np.empty((len(indices), c, g, g), dtype=self._info.dtype)
+        masks = np.empty((len(indices), g, g), dtype=np.uint8)
+        self._direct[0].read(indices, feats)  # type: ignore[union-attr]
+        self._direct[1].read(indices, masks)  # type: ignore[union-attr]
+        return feats, masks
 
     def _read_range(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._direct is not None:
+            return self._read_rows(np.arange(start, stop, dtype=np.int64))
         return self._ds[FEATURES][start:stop], self._ds[MASKS][start:stop]
 
     def _read_column(self, name: str) -> Any:
@@ -130,10 +149,13 @@ class Hdf5FeatureStore(FeatureStore):
             self._file.close()
 
 
-def write_hdf5(path: Path, attrs: dict[str, Any], info: EncodingInfo, batches: Iterable[EncodedBatch]) -> int:
-    """Write a complete store to `path` (which must not exist); returns the number of rows.
+def write_hdf5(
+    path: Path, attrs: dict[str, Any], info: EncodingInfo, batches: Iterable[EncodedBatch], rows: int
+) -> int:
+    """Write a complete store of `rows` rows to `path` (which must not exist); returns `rows`.
 
-    `attrs["num_rows"]` is set from the rows actually written.
+    The batches must hold exactly `rows` rows: `features` and `masks` are contiguous, so
+    their size is fixed when they are created. `attrs["num_rows"]` is set to `rows`.
     """
     import h5py
 
@@ -142,31 +164,27 @@ def write_hdf5(path: Path, attrs: dict[str, Any], info: EncodingInfo, batches: I
     n = 0
     with h5py.File(path, "w-") as f:
         ds = {
-            FEATURES: f.create_dataset(
-                FEATURES, shape=(0, c, g, g), maxshape=(None, c, g, g), dtype=info.dtype, chunks=(1, c, g, g)
-            ),
-            MASKS: f.create_dataset(
-                MASKS, shape=(0, g, g), maxshape=(None, g, g), dtype="uint8", chunks=(SMALL_CHUNK_ROWS, g, g)
-            ),
-            KEYS: f.create_dataset(KEYS, shape=(0,), maxshape=(None,), dtype=text, chunks=(SMALL_CHUNK_ROWS,)),
-            SOURCES: f.create_dataset(SOURCES, shape=(0,), maxshape=(None,), dtype=text, chunks=(SMALL_CHUNK_ROWS,)),
-            ORIG_SIZE: f.create_dataset(
-                ORIG_SIZE, shape=(0, 2), maxshape=(None, 2), dtype="int32", chunks=(SMALL_CHUNK_ROWS, 2)
-            ),
+            FEATURES: f.create_dataset(FEATURES, shape=(rows, c, g, g), dtype=info.dtype),
+            MASKS: f.create_dataset(MASKS, shape=(rows, g, g), dtype="uint8"),
+            KEYS: f.create_dataset(KEYS, shape=(rows,), dtype=text),
+            SOURCES: f.create_dataset(SOURCES, shape=(rows,), dtype=text),
+            ORIG_SIZE: f.create_dataset(ORIG_SIZE, shape=(rows, 2), dtype="int32"),
         }
         for batch in batches:
             k = len(batch)
             if k == 0:
                 continue
-            for d in ds.values():
-                d.resize(n + k, axis=0)
-            rows = np.s_[n : n + k]
-            ds[FEATURES][rows] = batch.features
-            ds[MASKS][rows] = batch.masks
-            ds[ORIG_SIZE][rows] = batch.orig_size_hw
-            ds[KEYS][rows] = np.array([it.key for it in batch.items], dtype=object)
-            ds[SOURCES][rows] = np.array([it.path for it in batch.items], dtype=object)
+            if n + k > rows:
+                raise ValueError(f"write_hdf5: the batches hold more than the {rows} rows announced")
+            rows_ = np.s_[n : n + k]
+            ds[FEATURES][rows_] = batch.features
+            ds[MASKS][rows_] = batch.masks
+            ds[ORIG_SIZE][rows_] = batch.orig_size_hw
+            ds[KEYS][rows_] = np.array([it.key for it in batch.items], dtype=object)
+            ds[SOURCES][rows_] = np.array([it.path for it in batch.items], dtype=object)
             n += k
+        if n != rows:
+            raise ValueError(f"write_hdf5: the batches held {n} rows, {rows} were announced")
         for name, value in {**attrs, "num_rows": n}.items():
             f.attrs[name] = json.dumps(value)  # ASCII: safe for any key in "failed"
     return n

@@ -11,10 +11,13 @@ Features are read many times (every epoch) and saved <= 17 % of disk, so `featur
 stored uncompressed (the `bytes` codec inside the sharding codec; the shard index keeps
 its crc32c). Masks and strings compress 5x or more and are tiny: zstd.
 
-Shards: each shard holds `shard_rows` rows, chosen so a shard is ~24 MiB (256 rows of
-(768, 7, 7) float16, 32 of (1024, 16, 16)): write speed did not depend on the shard size
-between 2 and 37 MiB, and the writer buffers one shard in memory and loses at most one
-shard of work in a crash. `masks`, `keys`, `sources` and `orig_size_hw` use chunks of the
+Shards: each shard holds `shard_rows` rows, the largest power of two within 64 MiB (512
+rows of (768, 7, 7) float16, 128 of (1024, 16, 16)). Every commit costs a fixed ~15 ms of
+zarr-python work (resizing five arrays, four small chunks, the attributes), so bigger
+shards write faster: rows of (1024, 16, 16) float16 went from ~950 rows/s with 32-row
+shards to ~1,400 with 128-row ones (tmpfs, 2-core machine; `benchmarks/store_write.py`),
+which matters when a GPU makes ~2,000 rows/s. The writer buffers one shard in memory and
+loses at most one shard of work in a crash. `masks`, `keys`, `sources` and `orig_size_hw` use chunks of the
 same `shard_rows` rows, so each commit writes exactly one object per array.
 """
 
@@ -29,7 +32,8 @@ from typing import Any
 import numpy as np
 
 from featstore.batches import EncodingInfo
-from featstore.errors import CorruptStoreError
+from featstore.errors import CorruptStoreError, StoreError
+from featstore.store._direct import ChunkedRows, ShardedRows, ShardFile, remove_partials, zarr_rows
 from featstore.store.base import (
     ARRAYS,
     FEATURES,
@@ -44,10 +48,11 @@ from featstore.store.base import (
 
 STRING_ARRAYS = (KEYS, SOURCES)
 TS_CACHE_BYTES = 8 * 2**20
+DIRECT_WRITES = True  # write feature shards without zarr-python when the layout allows (benchmarks turn it off)
 
 
 def default_shard_rows(info: EncodingInfo) -> int:
-    """Rows per shard of a new store: ~24 MiB (see the module docstring).
+    """Rows per shard of a new store: up to 64 MiB (see the module docstring).
 
     Looked up by the writer at open time: tests/test_reliability.py patches it to get
     small shards through the CLI."""
@@ -134,36 +139,71 @@ def _run(coro: Any) -> Any:
     return sync(coro)
 
 
+ENGINES = ("direct", "tensorstore", "zarr")
+
+
+def _engine_order(engine: str | Sequence[str]) -> tuple[str, ...]:
+    order = ENGINES if engine == "auto" else (engine,) if isinstance(engine, str) else tuple(engine)
+    unknown = [e for e in order if e not in ENGINES]
+    if unknown or not order:
+        raise ValueError(f"engine must be 'auto', one of {ENGINES} or a sequence of them, not {engine!r}")
+    return order
+
+
 class ZarrFeatureStore(FeatureStore):
     """Reads a Zarr v3 store.
 
-    Random rows are read concurrently, one request per row: with TensorStore when it is
-    installed (`pip install featstore[fast]`; ~10x faster than zarr-python here), else
-    with zarr-python's async API (`asyncio.gather` of per-row reads, ~1.5x a loop).
-    `engine` forces one: "tensorstore", "zarr" or "auto" (env FEATSTORE_NO_TENSORSTORE=1
-    turns "auto" into "zarr").
+    Engines, tried in this order by `engine="auto"`:
+    - "direct": rows read by byte offset from the shard files (`featstore.store._direct`),
+      for local stores with featstore's layout (uncompressed features); fastest, and
+      safe in forked processes;
+    - "tensorstore": when installed (`pip install featstore[fast]`), concurrent per-row
+      reads; a forked child of a process that used it cannot (see `_tensorstore`);
+    - "zarr": zarr-python's async API (`asyncio.gather` of per-row reads).
+    `engine` may name one (an error if it cannot read this store) or a sequence to try
+    in order. Env FEATSTORE_NO_TENSORSTORE=1 takes TensorStore out of the choice.
     """
 
     format = "zarr"
 
-    def __init__(self, path: Path, *, engine: str = "auto") -> None:
+    def __init__(self, path: Path, *, engine: str | Sequence[str] = "auto") -> None:
+        order = _engine_order(engine)
         root = _open_group(path, "r")
         super().__init__(path, dict(root.attrs))
         self._z = _arrays(root, path)
         found = {name: (tuple(a.shape), _dtype_name(a.dtype)) for name, a in self._z.items()}
         check_arrays(path, self._info, self._n, found)
         self._ts_module = None
-        if engine == "tensorstore" or engine == "auto":
-            self._ts_module = _tensorstore()
-            if self._ts_module is None and engine == "tensorstore":
-                raise ImportError("engine='tensorstore' needs the tensorstore package (pip install featstore[fast])")
-        elif engine != "zarr":
-            raise ValueError(f"engine must be 'auto', 'tensorstore' or 'zarr', not {engine!r}")
         self._ts: dict[str, Any] = {}
+        self._direct: tuple[ShardedRows | ChunkedRows, ShardedRows | ChunkedRows] | None = None
+        self._engine = self._choose(order, explicit=isinstance(engine, str) and engine != "auto")
+
+    def _choose(self, order: tuple[str, ...], *, explicit: bool) -> str:
+        for name in order:
+            if name == "direct":
+                c, g = self._info.hidden_dim, self._info.grid
+                feats = zarr_rows(self.path / FEATURES, (c, g, g), chunked=False)
+                masks = zarr_rows(self.path / MASKS, (g, g))
+                if feats is not None and masks is not None:
+                    self._direct = (feats, masks)
+                    return name
+                if explicit:
+                    raise StoreError(f"{self.path}: engine 'direct' cannot read this layout (compressed features?)")
+            elif name == "tensorstore":
+                self._ts_module = _tensorstore()
+                if self._ts_module is not None:
+                    return name
+                if explicit:
+                    raise ImportError(
+                        "engine 'tensorstore' needs the tensorstore package (pip install featstore[fast])"
+                    )
+            else:
+                return name
+        raise StoreError(f"{self.path}: none of the engines {order} can read this store")
 
     @property
     def engine(self) -> str:
-        return "tensorstore" if self._use_ts() else "zarr"
+        return "tensorstore" if self._use_ts() else "zarr" if self._engine == "tensorstore" else self._engine
 
     def _use_ts(self) -> bool:
         if self._ts_module is None:
@@ -192,7 +232,18 @@ class ZarrFeatureStore(FeatureStore):
             self._ts[name] = opened.result()
         return self._ts[name]
 
+    def _read_direct(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        assert self._direct is not None
+        c, g = self._info.hidden_dim, self._info.grid
+        feats = np.empty((len(indices), c, g, g), dtype=self._info.dtype)
+        masks = np.empty((len(indices), g, g), dtype=np.uint8)
+        self._direct[0].read(indices, feats)
+        self._direct[1].read(indices, masks)
+        return feats, masks
+
     def _read_rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self._direct is not None:
+            return self._read_direct(indices)
         if self._use_ts():
             feats, masks = self._ts_array(FEATURES), self._ts_array(MASKS)
             futures = [feats[int(i)].read() for i in indices]
@@ -209,6 +260,8 @@ class ZarrFeatureStore(FeatureStore):
         return np.stack(rows), np.asarray(mask)
 
     def _read_range(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._direct is not None:
+            return self._read_direct(np.arange(start, stop, dtype=np.int64))
         if self._use_ts():
             return (
                 self._ts_array(FEATURES)[start:stop].read().result(),
@@ -235,6 +288,9 @@ class ZarrFeatureStore(FeatureStore):
     def close(self) -> None:
         self._use_ts()  # in a forked child, sets inherited TensorStore handles aside first
         self._ts.clear()
+        if self._direct is not None:
+            for reader in self._direct:
+                reader.close()
 
 
 def _codec_names(codecs: Sequence[Any]) -> list[str]:
@@ -255,11 +311,13 @@ def _codec_names(codecs: Sequence[Any]) -> list[str]:
 class ZarrAppender:
     """Adds rows to an existing Zarr store, a whole shard per write, committing after each.
 
-    The rows of the shard being filled are buffered. When it is full the arrays are
-    resized to end at that shard, the shard (and the matching chunk of every other
-    array) is written in one call per array, and only then `num_rows` is raised in the
-    group's attributes. A store whose last shard is partial has that shard's rows read
-    back into the buffer, so the shard is rewritten whole, never patched row by row: each
+    The rows of the shard being filled are collected: features stream into the shard's
+    temporary file (`_direct.ShardFile`; zarr-python layouts other than featstore's own
+    are buffered in memory instead), the small arrays are buffered. When the shard is full
+    the arrays are resized to end at it, the shard file is renamed into place, the
+    matching chunk of every other array is written, and only then `num_rows` is raised
+    in the group's attributes. A store whose last shard is partial has that shard's rows
+    read back first, so the shard is rewritten whole, never patched row by row: each
     shard object is written once per commit, by one writer (the lock).
     """
 
@@ -274,19 +332,37 @@ class ZarrAppender:
         self.start = self.num_rows - self.num_rows % self.shard_rows  # first row of the open shard
         c, g = feats.shape[1], feats.shape[2]
         s = self.shard_rows
-        self.features = np.empty((s, c, g, g), dtype=feats.dtype)
+        # Features: featstore writes shard files itself when the layout is its own (3-7x
+        # zarr-python's speed, see `_direct.ShardFile`); else buffered for zarr-python.
+        self._shards = zarr_rows(path / FEATURES, (c, g, g), chunked=False) if DIRECT_WRITES else None
+        self._file: ShardFile | None = None
+        self.features = None if isinstance(self._shards, ShardedRows) else np.empty((s, c, g, g), feats.dtype)
         self.masks = np.empty((s, g, g), dtype=np.uint8)
         self.orig = np.empty((s, 2), dtype=np.int32)
         self.keys: list[str] = []
         self.sources: list[str] = []
+        if isinstance(self._shards, ShardedRows):
+            remove_partials(self._shards.shard_path(self.start // s).parent)  # left by a killed writer
         if self.start < self.num_rows:
             rows = slice(self.start, self.num_rows)
             k = self.num_rows - self.start
-            self.features[:k] = feats[rows]
+            self._add_features(0, feats[rows])
             self.masks[:k] = self.z[MASKS][rows]
             self.orig[:k] = self.z[ORIG_SIZE][rows]
             self.keys = [str(v) for v in self.z[KEYS][rows].tolist()]
             self.sources = [str(v) for v in self.z[SOURCES][rows].tolist()]
+
+    def _add_features(self, at: int, rows: np.ndarray) -> None:
+        """Rows `at`.. of the open shard (`at` is the number of rows it holds so far)."""
+        if self.features is not None:
+            self.features[at : at + len(rows)] = rows
+            return
+        assert isinstance(self._shards, ShardedRows)
+        if self._file is None:
+            self._file = ShardFile(self._shards, self.start // self.shard_rows)
+            if at:  # reopened after a commit of this partial shard: its rows first
+                self._file.add(np.asarray(self.z[FEATURES][self.start : self.start + at]))
+        self._file.add(rows)
 
     def committed_keys(self) -> list[str]:
         return [str(v) for v in self.z[KEYS][: self.num_rows].tolist()]
@@ -307,7 +383,7 @@ class ZarrAppender:
         while done < len(keys):
             k = min(len(keys) - done, self.shard_rows - len(self.keys))
             at = len(self.keys)
-            self.features[at : at + k] = features[done : done + k]
+            self._add_features(at, features[done : done + k])
             self.masks[at : at + k] = masks[done : done + k]
             self.orig[at : at + k] = orig[done : done + k]
             self.keys += keys[done : done + k]
@@ -330,18 +406,27 @@ class ZarrAppender:
         k = len(self.keys)
         end = self.start + k
         rows = slice(self.start, end)
-        # Arrays end exactly at this shard, so one write call covers every in-bounds row of
-        # it. (zarr-python 3.1 still reads an existing shard file before replacing it: a
-        # wasted read, only for the reopened partial shard or one left by a crash.)
-        for a in self.z.values():
-            if a.shape[0] != end:
-                a.resize((end, *a.shape[1:]))
-        self.z[FEATURES][rows] = self.features[:k]
-        self.z[MASKS][rows] = self.masks[:k]
-        self.z[ORIG_SIZE][rows] = self.orig[:k]
-        self.z[KEYS][rows] = _strings(self.keys)
-        self.z[SOURCES][rows] = _strings(self.sources)
+        values: dict[str, Any] = {
+            MASKS: self.masks[:k],
+            ORIG_SIZE: self.orig[:k],
+            KEYS: _strings(self.keys),
+            SOURCES: _strings(self.sources),
+        }
+        if self.features is not None:  # (zarr-python 3.1 reads an existing shard file before replacing it)
+            values[FEATURES] = self.features[:k]
+        elif self._file is not None:
+            self._file.finish()  # the shard file in place, holding rows start..end-1
+            self._file = None
+        # Arrays end exactly at this shard, so one write per array covers every in-bounds
+        # row of it. All in one call into zarr's event loop: each call costs a thread
+        # hand-off (~2 ms on a busy machine), and a commit used to make ten.
+        _run(self._resize_and_write(end, rows, values))
         update = {**attrs, "num_rows": end}
         self.root.attrs.update(update)  # the commit point: LocalStore writes zarr.json by temp + rename
         self.attrs.update(update)
         self.num_rows = end
+
+    async def _resize_and_write(self, end: int, rows: slice, values: dict[str, Any]) -> None:
+        resized = [a.async_array.resize((end, *a.shape[1:])) for a in self.z.values() if a.shape[0] != end]
+        await asyncio.gather(*resized)
+        await asyncio.gather(*(self.z[name].async_array.setitem(rows, v) for name, v in values.items()))

@@ -46,8 +46,8 @@ STORE_ATTRS = ("featstore_version", "layout_version", "created", "num_rows", "fa
 INFO_ATTRS = ("model", "model_source", "family", "feature_type", "size", "grid", "hidden_dim", "dtype")
 FEATURE_DTYPES = ("float16", "float32")
 
-# Rows per Zarr shard, and per step when reading a whole store: ~24 MiB (see _zarr.py).
-STEP_BYTES = 24 * 2**20
+# Rows per Zarr shard, and per step when reading a whole store: up to 64 MiB (see _zarr.py).
+STEP_BYTES = 64 * 2**20
 MIN_STEP_ROWS, MAX_STEP_ROWS = 8, 1024
 
 Format = Literal["zarr", "hdf5"]
@@ -66,7 +66,7 @@ def store_format(path: str | Path) -> Format:
 
 
 def step_rows(info: EncodingInfo) -> int:
-    """A power of two number of rows holding ~24 MiB of features (8 to 1024 rows)."""
+    """The largest power of two number of rows within 64 MiB of features (8 to 1024 rows)."""
     row_bytes = info.hidden_dim * info.grid * info.grid * np.dtype(info.dtype).itemsize
     rows = 2 ** int(math.log2(max(1.0, STEP_BYTES / row_bytes)))
     return max(MIN_STEP_ROWS, min(MAX_STEP_ROWS, rows))

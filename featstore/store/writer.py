@@ -156,7 +156,7 @@ def open_store_writer(
 ) -> StoreWriter:
     """Open (creating if needed) the store at `path` for appending rows made as `info` describes.
 
-    `shard_rows` applies to a new store (default: ~24 MiB shards); an existing one keeps its own.
+    `shard_rows` applies to a new store (default: shards of up to 64 MiB); an existing one keeps its own.
     Raises IncompatibleStoreError if the store holds rows made differently,
     StoreLockedError if another build writes it, CorruptStoreError if it is damaged
     (pass overwrite=True to replace it).
@@ -276,7 +276,7 @@ class StoreWriter:
             take.append(i)
         if not take:
             return
-        rows = np.asarray(take)
+        rows = slice(None) if len(take) == len(batch.items) else np.asarray(take)  # a slice: no copy
         try:
             self._rows.append(
                 [batch.items[i].key for i in take],
@@ -352,7 +352,7 @@ class StoreWriter:
             attrs["failed"] = failed
             tmp = sibling(self.path, TMP_SUFFIX)
             _remove(tmp)
-            with open_store(stage, engine="zarr") as staged:
+            with open_store(stage) as staged:
                 info = info_from_attrs(attrs, self.path)
                 base_keys = frozenset(base.keys()) if base is not None else frozenset()
                 # A crash after the rename below but before the stage is deleted leaves
@@ -361,6 +361,7 @@ class StoreWriter:
                     encoded_batches(base) if base is not None else (),
                     encoded_batches(staged, skip_keys=base_keys),
                 )
-                write_hdf5(tmp, attrs, info, rows)
+                count = len(base_keys) + sum(k not in base_keys for k in staged.keys())  # noqa: SIM118 (rows, not keys)
+                write_hdf5(tmp, attrs, info, rows, count)
             os.replace(tmp, self.path)
         _discard(stage)
