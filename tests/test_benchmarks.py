@@ -1,0 +1,46 @@
+"""The benchmark commands run and produce what their README describes (not the numbers)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def test_run_quick_writes_every_section(tmp_path: Path) -> None:
+    out = tmp_path / "quick.json"
+    cmd = [sys.executable, "benchmarks/run.py", "--quick", "--only", "model,e2e,read", "--no-cold", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert not report.get("errors"), report["errors"]
+    results, ratios = report["results"], report["ratios"]
+    assert results["model_only"]["best_images_per_s"] > 0
+    for writer in ("zarr", "h5", "npy"):
+        assert results["end_to_end"][writer]["images"] == 16
+        assert 0 < ratios[f"e2e_{writer}_model_busy"] <= 1
+    for fmt in ("zarr", "h5"):
+        read = results["read"][fmt]
+        assert read["engine"] == "direct"
+        assert read["single_random"]["store"]["warm_rows_per_s"] > 0
+    statuses = {c["check"]: c["status"] for c in report["checks"]}
+    assert statuses["read zarr, cold: single random row, reader >= .npy"] == "SKIP"  # --no-cold
+    assert "Targets" in proc.stdout
+
+
+def test_store_write_benchmark(tmp_path: Path) -> None:
+    out = tmp_path / "write.json"
+    cmd = [sys.executable, "benchmarks/store_write.py", "--rows", "128", "--repeats", "1", "--dir", str(tmp_path)]
+    proc = subprocess.run([*cmd, "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    best = json.loads(out.read_text())["best"]
+    for shape in ("ViT-B/32 fp16", "ViT-L/14 fp16"):
+        assert len(best[shape]) == 5 and all(r["rows_per_s"] > 0 for r in best[shape].values())
+    assert [p.name for p in tmp_path.iterdir()] == ["write.json"]  # its work folder is gone
