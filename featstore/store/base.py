@@ -361,7 +361,7 @@ def encoded_batches(store: FeatureStore, skip_keys: frozenset[str] | set[str] = 
         keep = [j for j, k in enumerate(batch.keys) if k not in skip_keys]
         if not keep:
             continue
-        rows = np.asarray(keep)
+        rows = slice(None) if len(keep) == len(batch) else np.asarray(keep)  # a slice: no copy
         yield EncodedBatch(
             items=[ImageItem(batch.keys[j], sources[int(batch.indices[j])]) for j in keep],
             features=batch.features[rows],
