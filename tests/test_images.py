@@ -7,6 +7,7 @@ from featstore.errors import ConfigError
 from featstore.images import (
     discover,
     load_sample,
+    open_image,
     output_collisions,
     patch_mask,
     premultiply,
@@ -155,3 +156,32 @@ def test_resize_treats_the_four_channels_independently(h, w, size):
     box = (left, top, left + size, top + size)
     expected = np.dstack([np.asarray(rgb.crop(box)), np.asarray(alpha.crop(box))])
     assert np.array_equal(resize_center_crop(rgba, size), expected)
+
+
+@pytest.mark.parametrize(
+    ("name", "hw", "mode"),
+    [
+        ("photo.jpg", (375, 500), "RGB"),
+        ("tall.jpg", (640, 360), "RGB"),
+        ("exact.png", (224, 224), "RGB"),
+        ("cmyk.jpg", (300, 260), "CMYK"),
+        ("strip.png", (3, 3000), "RGB"),  # extreme aspect ratio: the box path
+        ("large.jpg", (1200, 1000), "RGB"),  # decoded at a reduced scale (draft)
+    ],
+)
+def test_opaque_fast_path_equals_the_rgba_path(tmp_path, name, hw, mode):
+    """Opaque images skip alpha: the sample must equal what the RGBA path makes of them."""
+    from featstore.images import _decode
+
+    rng = np.random.default_rng(len(name))
+    arr = rng.integers(0, 256, (*hw, 4 if mode == "CMYK" else 3), dtype=np.uint8)
+    arr[: hw[0] // 2] //= 3  # some structure for JPEG to keep
+    path = tmp_path / name
+    Image.fromarray(arr, mode).save(path, quality=90) if name.endswith(".jpg") else Image.fromarray(arr).save(path)
+    assert isinstance(_decode(str(path), size=224, max_pixels=10**9)[0], Image.Image)  # the fast path is taken
+    sample = load_sample(ImageItem(name, str(path)), size=224, grid=7)
+    rgba, orig_hw = open_image(str(path), size=224)
+    resized = resize_center_crop(rgba, 224)
+    assert sample.error is None and sample.orig_size_hw == orig_hw == hw
+    np.testing.assert_array_equal(sample.pixels, premultiply(resized))
+    np.testing.assert_array_equal(sample.mask, patch_mask(resized[..., 3], 7))
