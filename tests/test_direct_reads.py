@@ -238,3 +238,17 @@ def test_partial_shard_files_of_a_killed_writer_are_removed(tmp_path: Path) -> N
     assert not leftover.exists()
     with open_store(path, engine="direct") as s:
         assert s.keys() == KEYS[:12]
+
+
+def test_reads_without_preadv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the platform has no os.preadv, rows are read with os.pread and copied."""
+    path = tmp_path / "s.zarr"
+    write(path, KEYS[:20])
+    h5 = tmp_path / "s.h5"
+    with open_store_writer(h5, make_info(), overwrite=False) as w:
+        w.write(make_batch(KEYS[:20]))
+    monkeypatch.delattr(os, "preadv")
+    for p in (path, h5):
+        with open_store(p) as s:
+            assert s.engine == "direct"
+            np.testing.assert_array_equal(s.get_batch(KEYS[3:17]).features, make_batch(KEYS[3:17]).features)

@@ -65,9 +65,18 @@ def _read_runs(fd: int, out: np.ndarray, at: np.ndarray, offsets: np.ndarray, ro
     for a, b in runs:
         first = int(at[a])
         want = (b - a) * row_bytes
-        got = os.preadv(fd, [flat[first : first + b - a]], int(offsets[a]))
+        got = _pread_into(fd, flat[first : first + b - a], int(offsets[a]))
         if got != want:
             raise CorruptStoreError(f"{name}: {want} bytes expected at offset {int(offsets[a])}, the file has {got}")
+
+
+def _pread_into(fd: int, out: np.ndarray, offset: int) -> int:
+    """Read len(out) bytes at `offset` into `out`; the number read."""
+    if hasattr(os, "preadv"):  # straight into the array
+        return os.preadv(fd, [out], offset)
+    data = os.pread(fd, out.nbytes, offset)  # platforms without preadv: read, then copy
+    out.reshape(-1)[: len(data)] = np.frombuffer(data, dtype=np.uint8)
+    return len(data)
 
 
 class _FdCache:
