@@ -90,7 +90,8 @@ def test_errors_are_one_line_without_traceback(tiny_models, image_dir, tmp_path,
     p = featstore("build", "-i", str(image_dir), "--npy-dir", str(tmp_path / "o"), *args, ok=False)
     assert p.returncode == 2
     assert "Traceback" not in p.stderr
-    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    # the status line "loading model ..." may come first; the error is one line
+    lines = [line for line in p.stderr.splitlines() if line.strip() and not line.startswith("loading model")]
     assert len(lines) == 1 and message in lines[0], p.stderr
 
 
