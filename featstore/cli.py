@@ -216,3 +216,9 @@ def main(argv: list[str] | None = None, *, encoder: Any = None) -> None:
     except FeatstoreError as e:
         typer.echo(f"featstore: error: {e}", err=True)
         sys.exit(e.exit_code)
+    except SystemExit as e:
+        # Ctrl-C before `build` handles signals itself (while torch imports, say): typer
+        # turns the KeyboardInterrupt into a silent exit 130.
+        if isinstance(getattr(e.__context__, "__cause__", None), KeyboardInterrupt):
+            typer.echo("featstore: interrupted", err=True)
+        raise
