@@ -100,6 +100,17 @@ def _progress_factory(quiet: bool) -> Any:
     return _Bar
 
 
+def _status_printer(quiet: bool) -> Any:
+    """One-line status messages ("loading model ...") where the progress bar would be:
+    on a terminal, unless quiet. Pipes and logs get the summary and errors only."""
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False)
+    if quiet or not console.is_terminal:
+        return None
+    return lambda msg: console.print(msg, markup=False)
+
+
 @app.command()
 def build(
     ctx: typer.Context,
@@ -171,7 +182,7 @@ def build(
         save_meta=save_meta,
         progress_factory=_progress_factory(quiet),
         encoder=(ctx.obj or {}).get("encoder"),
-        log=None if quiet else (lambda msg: typer.echo(msg, err=True)),
+        log=_status_printer(quiet),
     )
     typer.echo(result.summary(), err=True)
     for f in result.failures[:20]:

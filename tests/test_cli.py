@@ -70,7 +70,7 @@ def test_build_writes_mirrored_outputs_and_a_summary(tiny_models, image_dir, tmp
         "--workers",
         "1",
     )
-    assert p.stderr.startswith(f"loading model {tiny_models['clip']} ...\n")
+    assert "loading model" not in p.stderr  # status lines are for terminals; logs get the summary
     assert "encoded 5, skipped 0, failed 0 in " in p.stderr and "; start-up " in p.stderr
     assert np.load(out / "sub" / "e.npy").shape == (64, 4, 4)
     assert json.loads((out / "sub" / "e.json").read_text())["source"] == str(image_dir / "sub" / "e.png")
@@ -93,8 +93,7 @@ def test_errors_are_one_line_without_traceback(tiny_models, image_dir, tmp_path,
     p = featstore("build", "-i", str(image_dir), "--npy-dir", str(tmp_path / "o"), *args, ok=False)
     assert p.returncode == 2
     assert "Traceback" not in p.stderr
-    # the status line "loading model ..." may come first; the error is one line
-    lines = [line for line in p.stderr.splitlines() if line.strip() and not line.startswith("loading model")]
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], p.stderr
 
 
@@ -208,3 +207,35 @@ def test_compat_wrapper_names_python_when_featstore_is_missing(image_dir, tmp_pa
     assert p.returncode != 0 and "Traceback" not in p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "featstore is not installed" in lines[0] and "PYTHON=" in lines[0], p.stderr
+
+
+def test_on_a_terminal_build_says_it_loads_the_model_and_the_bar_ends_at_the_summary_rate(tiny_models, image_dir):
+    import pty
+    import re
+
+    primary, secondary = pty.openpty()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="160", TERM="xterm")
+    args = ["build", "-i", str(image_dir), "-m", tiny_models["clip"], "--npy-dir", "out", "--size", "32"]
+    with subprocess.Popen(
+        [sys.executable, "-m", "featstore", *args, "--device", "cpu", "--workers", "0", "--batch-size", "2"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=secondary, env=env, cwd=image_dir.parent,
+    ) as proc:  # fmt: skip
+        os.close(secondary)
+        chunks = []
+        while True:
+            try:
+                data = os.read(primary, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        rc = proc.wait(timeout=300)
+    os.close(primary)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
+    assert rc == 0, text
+    assert text.lstrip().startswith(f"loading model {tiny_models['clip']} ..."), text
+    summary = re.search(r"encoded 5, skipped 0, failed 0 in [0-9.]+ s \(([0-9.]+) images/s\)", text)
+    bar_rates = re.findall(r"([0-9.]+) img/s", text)
+    assert summary and bar_rates, text
+    assert bar_rates[-1] == summary[1]  # the bar's last rate is the summary's
