@@ -6,8 +6,6 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ from PIL import Image
 from featstore.encoder import PatchEncoder
 from featstore.loading import LoadedModel
 from featstore.models import ModelSpec
-from featstore.pipeline import BuildOptions, build, resolve_device
+from featstore.pipeline import BuildOptions, build, model_encoder
 
 
 def sync(device: torch.device) -> None:
@@ -85,43 +83,25 @@ def _clear(path: Path) -> None:
         path.unlink()
 
 
-@contextmanager
-def encode_timer(device: torch.device) -> Iterator[dict[str, float] | None]:
-    """Seconds spent inside `PatchEncoder.encode` (CPU only: on CUDA the calls return before the work is done)."""
-    if device.type != "cpu":
-        yield None
-        return
-    original = PatchEncoder.encode
-    spent = {"seconds": 0.0}
-
-    def timed(self: PatchEncoder, pixels: torch.Tensor) -> torch.Tensor:
-        t0 = time.perf_counter()
-        try:
-            return original(self, pixels)
-        finally:
-            spent["seconds"] += time.perf_counter() - t0
-
-    PatchEncoder.encode = timed  # type: ignore[method-assign]
-    try:
-        yield spent
-    finally:
-        PatchEncoder.encode = original  # type: ignore[method-assign]
-
-
 def end_to_end(input_dir: Path, out: Path, kind: str, options: BuildOptions, loaded: LoadedModel) -> dict[str, Any]:
     """`featstore.pipeline.build` on `input_dir`, writing a store (`out` ends in .zarr or .h5) or an npy folder.
 
-    On CPU also the share of the wall time the model was computing ("model_busy"): what
-    is left is the pipeline's own cost (waiting for decoded images, writing, start-up).
+    The model goes in through the encoder seam, so the runner's per-stage times
+    ("stages": decode wait, encode, host copy, write, write wait, commit) are the build's
+    own. On CPU also the share of the wall time the model was computing ("model_busy"):
+    what is left is the pipeline's own cost (waiting for decoded images, writing, start-up).
+    On CUDA `encode` only launches the work, so model_busy is left out.
     """
     _clear(out)
     kwargs: dict[str, Any] = {"npy_dir": out} if kind == "npy" else {"store": out}
-    with encode_timer(resolve_device(options.device)) as spent:
-        t0 = time.perf_counter()
-        result = build(input_dir, options, loaded=loaded, **kwargs)
-        wall = time.perf_counter() - t0
+    encoder = model_encoder(options, loaded)
+    t0 = time.perf_counter()
+    result = build(input_dir, options, encoder=encoder, **kwargs)
+    wall = time.perf_counter() - t0
+    on_cpu = encoder.device.type == "cpu"
     return {
-        "model_busy": spent["seconds"] / wall if spent is not None and wall > 0 else None,
+        "model_busy": result.stages.encode / wall if on_cpu and wall > 0 else None,
+        "stages": result.stages.as_dict(),
         "writer": kind,
         "images": result.encoded,
         "failed": result.failed,

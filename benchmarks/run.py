@@ -641,6 +641,13 @@ def _f(x: Any, digits: int = 1) -> str:
     return f"{x:,}" if isinstance(x, int) else str(x)
 
 
+def _stages(stages: dict[str, float] | None) -> str:
+    """The runner's per-stage seconds, as recorded by the build itself."""
+    if not stages:
+        return ""
+    return "; stages (s): " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in stages.items())
+
+
 def table(title: str, header: list[str], rows: list[list[Any]]) -> str:
     cells = [[str(c) for c in header]] + [[c if isinstance(c, str) else _f(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -684,7 +691,8 @@ def render(report: dict[str, Any]) -> str:
                     f"{_f(ratios.get(f'e2e_{w}_vs_model_only'), 3)} x model-only "
                     f"(loop only {_f(ratios.get(f'e2e_{w}_loop_vs_model_only'), 3)}); "
                     f"{_f(ratios.get(f'e2e_{w}_vs_baseline'), 2)} x baseline"
-                    + (f"; model busy {v['model_busy']:.0%}" if v.get("model_busy") is not None else ""),
+                    + (f"; model busy {v['model_busy']:.0%}" if v.get("model_busy") is not None else "")
+                    + _stages(v.get("stages")),
                 ]
             )
     if "baseline" in res:

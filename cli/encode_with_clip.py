@@ -3,7 +3,15 @@
 
 import sys
 
-from featstore.compat import main
+try:
+    from featstore.compat import main
+except ModuleNotFoundError as e:
+    if e.name not in ("featstore", "featstore.compat"):
+        raise
+    sys.exit(
+        f"error: featstore is not installed for {sys.executable}: install it there (pip install -e REPOSITORY), "
+        "or run the .sh wrapper with PYTHON=/path/to/bin/python of an environment that has it"
+    )
 
 if __name__ == "__main__":
     sys.exit(main("clip"))

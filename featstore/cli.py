@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from featstore import __version__
-from featstore.errors import FeatstoreError
+from featstore.errors import BuildInterrupted, FeatstoreError
 
 app = typer.Typer(
     name="featstore",
@@ -26,7 +26,6 @@ app = typer.Typer(
 )
 
 EXIT_SOME_FAILED = 3
-EXIT_INTERRUPTED = 130
 
 
 class Precision(StrEnum):
@@ -83,7 +82,6 @@ def _progress_factory(quiet: bool) -> Any:
                 console=console,
             )
             self.task = self.progress.add_task("encoding", total=total, rate="-", failed=0)
-            self.failed = 0
 
         def __enter__(self) -> Any:
             self.progress.__enter__()
@@ -92,17 +90,30 @@ def _progress_factory(quiet: bool) -> Any:
         def __exit__(self, *exc: object) -> None:
             self.progress.__exit__(*exc)  # type: ignore[arg-type]
 
-        def update(self, done: int, failed: int) -> None:
-            self.failed += failed
-            self.progress.advance(self.task, done + failed)
-            speed = self.progress.tasks[0].speed
-            self.progress.update(self.task, rate=f"{speed:.1f}" if speed else "-", failed=self.failed)
+        def update(self, run: Any) -> None:
+            # The rate is the summary's (images encoded / seconds since the first batch
+            # was asked for), not rich's moving estimate, so the last one shown agrees.
+            rate = f"{run.images_per_second:.1f}" if run.encoded else "-"
+            done = run.encoded + run.decode_failures
+            self.progress.update(self.task, completed=done, rate=rate, failed=run.decode_failures)
 
     return _Bar
 
 
+def _status_printer(quiet: bool) -> Any:
+    """One-line status messages ("loading model ...") where the progress bar would be:
+    on a terminal, unless quiet. Pipes and logs get the summary and errors only."""
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False)
+    if quiet or not console.is_terminal:
+        return None
+    return lambda msg: console.print(msg, markup=False)
+
+
 @app.command()
 def build(
+    ctx: typer.Context,
     input: Annotated[Path, typer.Option("--input", "-i", help="Folder of images (searched recursively).")],
     model: Annotated[
         str, typer.Option("--model", "-m", help="Registered name (see `featstore models`), HF repo id, folder or .pt.")
@@ -148,8 +159,8 @@ def build(
     from featstore.pipeline import BuildOptions
     from featstore.pipeline import build as run_build
 
-    if fp16 and precision not in (None, Precision.fp16):
-        raise typer.BadParameter("--fp16 conflicts with --precision " + precision.value)  # type: ignore[union-attr]
+    if fp16 and precision is not None and precision is not Precision.fp16:
+        raise typer.BadParameter("--fp16 conflicts with --precision " + precision.value)
     options = BuildOptions(
         model=model,
         size=size,
@@ -164,7 +175,14 @@ def build(
         compile=compile,
     )
     result = run_build(
-        input, options, npy_dir=npy_dir, store=store, save_meta=save_meta, progress_factory=_progress_factory(quiet)
+        input,
+        options,
+        npy_dir=npy_dir,
+        store=store,
+        save_meta=save_meta,
+        progress_factory=_progress_factory(quiet),
+        encoder=(ctx.obj or {}).get("encoder"),
+        log=_status_printer(quiet),
     )
     typer.echo(result.summary(), err=True)
     for f in result.failures[:20]:
@@ -198,13 +216,20 @@ else:
     _register_store_commands(app)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, *, encoder: Any = None) -> None:
+    """The `featstore` command. `encoder` stands in for the model in `build` (tests use a fake)."""
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
-        app(args=argv, prog_name="featstore")
+        app(args=argv, prog_name="featstore", obj={"encoder": encoder})
+    except BuildInterrupted as e:
+        typer.echo(f"featstore: {e}", err=True)
+        sys.exit(e.exit_code)
     except FeatstoreError as e:
         typer.echo(f"featstore: error: {e}", err=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        typer.echo("featstore: interrupted; finished work is kept, run the same command again to resume", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+    except SystemExit as e:
+        # Ctrl-C before `build` handles signals itself (while torch imports, say): typer
+        # turns the KeyboardInterrupt into a silent exit 130.
+        if isinstance(getattr(e.__context__, "__cause__", None), KeyboardInterrupt):
+            typer.echo("featstore: interrupted", err=True)
+        raise

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from featstore.errors import FeatstoreError
+from featstore.errors import BuildInterrupted, FeatstoreError
 
 DEFAULT_MODELS = {"clip": "ViT-L/14", "dino": "facebook/dinov2-large"}
 
@@ -58,7 +58,16 @@ def main(kind: str, argv: list[str] | None = None) -> int:
         recursive=False,
     )
     try:
-        result = build(args.input, options, npy_dir=args.output, save_meta=args.save_meta)
+        result = build(
+            args.input,
+            options,
+            npy_dir=args.output,
+            save_meta=args.save_meta,
+            log=lambda msg: print(msg, file=sys.stderr),
+        )
+    except BuildInterrupted as e:
+        print(e, file=sys.stderr)
+        return e.exit_code
     except FeatstoreError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

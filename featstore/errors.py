@@ -12,10 +12,14 @@ FeatstoreError                 base; the CLI prints its message on one line, exi
 │   ├── StoreLockedError       another build holds the store
 │   └── CorruptStoreError      arrays/attrs on disk that contradict each other
 ├── OutputError                an output that cannot be written (disk full, read-only)
-└── UnsafeKeyError             a key that would escape the output folder
+├── UnsafeKeyError             a key that would escape the output folder
+└── BuildInterrupted           a build stopped by SIGINT/SIGTERM/SIGHUP after committing
+                               what it had encoded; exit 128 + the signal number
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class FeatstoreError(Exception):
@@ -66,3 +70,14 @@ class OutputError(FeatstoreError):
 
 class UnsafeKeyError(FeatstoreError):
     pass
+
+
+class BuildInterrupted(FeatstoreError):
+    """Raised by `build` after a stop signal, once the encoded images are committed."""
+
+    def __init__(self, signum: int, kept: int, result: Any = None) -> None:
+        super().__init__(f"interrupted: {kept} images kept, re-run the same command to resume")
+        self.signum = signum
+        self.kept = kept
+        self.result = result  # the BuildResult of what was done, when the run had started
+        self.exit_code = 128 + signum

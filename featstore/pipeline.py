@@ -1,38 +1,45 @@
-"""`build`: reader -> encoder -> writers, the short loop that joins them.
+"""`build`: the public entry that turns a folder of images into per-image files and/or a store.
 
-- reader: a torch DataLoader whose worker processes decode and preprocess images
-  (`featstore.images`) into uint8 batches;
-- encoder: whole batches on the device (`featstore.encoder`); a CUDA out-of-memory
-  batch is split in halves and retried;
-- writers: one or more `Writer`s (per-image .npy files, a store) fed by a background
-  thread through a bounded queue, so that the model never waits for the disk.
+It checks the options and outputs, loads the model (`featstore.loading`) into a
+`PatchEncoder`, opens the writers (`featstore.npy`, `featstore.store.writer`), and hands
+the images still to do, as one work unit, to the reader (`featstore.reader`) and the
+runner (`featstore.runner`). `build(..., encoder=...)` takes any `ModelEncoder` instead
+of loading a model: the seam for tests and benchmarks.
 """
 
 from __future__ import annotations
 
-import errno
+import fcntl
 import os
-import queue
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from featstore.batches import EncodedBatch, EncodingInfo, Failure, ImageBatch, ImageItem, Sample, Writer
-from featstore.encoder import Encoder, PatchEncoder
-from featstore.errors import ConfigError, OutputError
-from featstore.images import DEFAULT_MAX_PIXELS, discover, load_sample, output_collisions, unusable_names
+from featstore.batches import EncodingInfo, Failure, Writer
+from featstore.encoder import PatchEncoder
+from featstore.errors import BuildInterrupted, ConfigError, StoreLockedError
+from featstore.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, discover, output_collisions, unusable_names
 from featstore.loading import LoadedModel, load_model
 from featstore.npy import NpyWriter
+from featstore.reader import ImageReader
+from featstore.runner import BatchEncoder, ProgressFn, RunResult, StageTimes, output_error, run
+from featstore.signals import StopRequest
 
-ProgressFn = Callable[[int, int], None]  # (images done in this step, failures in this step)
+__all__ = ["BuildOptions", "BuildResult", "ModelEncoder", "build"]
+
+
+class ModelEncoder(BatchEncoder, Protocol):
+    """An encoder `build` can drive: the runner's `BatchEncoder` plus what the outputs record."""
+
+    @property
+    def info(self) -> EncodingInfo:
+        """How the features are made (model, size, grid, channels, dtype, preprocessing)."""
+        ...
 
 
 # ---------------------------------------------------------------- options and result
@@ -59,7 +66,9 @@ class BuildResult:
     encoded: int = 0
     skipped: int = 0
     failures: list[Failure] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # encoding: from the first batch asked for to the outputs committed
+    startup_seconds: float = 0.0  # before that: finding images, loading the model, opening outputs
+    stages: StageTimes = field(default_factory=StageTimes)
     info: EncodingInfo | None = None
 
     @property
@@ -73,8 +82,12 @@ class BuildResult:
     def summary(self) -> str:
         return (
             f"encoded {self.encoded}, skipped {self.skipped}, failed {self.failed} "
-            f"in {self.seconds:.1f} s ({self.images_per_second:.1f} images/s)"
+            f"in {self.seconds:.1f} s ({self.images_per_second:.1f} images/s); "
+            f"start-up {self.startup_seconds:.1f} s"
         )
+
+
+# ---------------------------------------------------------------- device defaults
 
 
 def resolve_device(device: str) -> torch.device:
@@ -111,186 +124,7 @@ def default_workers(device: torch.device) -> int:
     return max(1, min(cpus - 1, 16))
 
 
-# ---------------------------------------------------------------- reader
-
-
-class _ImageDataset(Dataset[Sample]):
-    def __init__(self, items: Sequence[ImageItem], size: int, grid: int, max_pixels: int) -> None:
-        self.items, self.size, self.grid, self.max_pixels = list(items), size, grid, max_pixels
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> Sample:
-        return load_sample(self.items[i], size=self.size, grid=self.grid, max_pixels=self.max_pixels)
-
-
-def _collate(samples: list[Sample]) -> ImageBatch:
-    ok = [s for s in samples if s.error is None]
-    failures = [Failure(s.item.key, s.error) for s in samples if s.error is not None]
-    if not ok:
-        return ImageBatch([], None, np.zeros((0,)), np.zeros((0, 2), np.int32), failures)
-    pixels = torch.from_numpy(np.stack([s.pixels for s in ok]))  # type: ignore[misc]
-    masks = np.stack([s.mask for s in ok])  # type: ignore[misc]
-    hw = np.array([s.orig_size_hw for s in ok], dtype=np.int32)
-    return ImageBatch([s.item for s in ok], pixels, masks, hw, failures)
-
-
-def image_batches(
-    items: Sequence[ImageItem], *, size: int, grid: int, batch_size: int, workers: int, pin: bool, max_pixels: int
-) -> Iterator[ImageBatch]:
-    loader = DataLoader(
-        _ImageDataset(items, size, grid, max_pixels),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=_collate,
-        pin_memory=pin,
-        prefetch_factor=4 if workers else None,
-        persistent_workers=False,
-    )
-    yield from loader
-
-
-# ---------------------------------------------------------------- encoder with OOM split
-
-
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
-
-
-def encode_splitting(encoder: Encoder, pixels: torch.Tensor) -> torch.Tensor:
-    """Encode a batch; on out-of-memory, encode its halves instead (down to one image)."""
-    try:
-        return encoder.encode(pixels)
-    except RuntimeError as e:
-        if not _is_oom(e) or len(pixels) == 1:
-            raise
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    half = len(pixels) // 2
-    return torch.cat([encode_splitting(encoder, pixels[:half]), encode_splitting(encoder, pixels[half:])])
-
-
-# ---------------------------------------------------------------- writer thread
-
-
-class _WriterThread:
-    """Runs the writers off the main thread; the queue bound caps memory."""
-
-    def __init__(self, writers: Sequence[Writer], depth: int = 4) -> None:
-        self.writers = writers
-        self.queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="featstore-writer", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            job = self.queue.get()
-            if job is None:
-                return
-            if self.error is not None:
-                continue
-            try:
-                batch: EncodedBatch = job() if callable(job) else job
-                for w in self.writers:
-                    w.write(batch)
-            except OSError as e:
-                self.error = output_error(e)
-            except BaseException as e:
-                self.error = e
-
-    def put(self, job: EncodedBatch | Callable[[], EncodedBatch]) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put(job)
-
-    def finish(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-
-def output_error(e: OSError) -> OutputError:
-    """A one-line message for a failed write (disk full, read-only folder, ...)."""
-    where = f" ({e.filename})" if e.filename else ""
-    reason = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-    return OutputError(f"cannot write output{where}: {reason}; work committed before this point is kept")
-
-
-def _to_host(features: torch.Tensor) -> Callable[[], np.ndarray]:
-    """Start the device->host copy now; the writer thread waits for it."""
-    if features.device.type != "cuda":
-        arr = features.numpy()
-        return lambda: arr
-    host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
-    host.copy_(features, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
-
-    def wait() -> np.ndarray:
-        event.synchronize()
-        return host.numpy()
-
-    return wait
-
-
-# ---------------------------------------------------------------- the loop
-
-
-def run(
-    items: Sequence[ImageItem],
-    encoder: PatchEncoder | Encoder,
-    writers: Sequence[Writer],
-    *,
-    size: int,
-    grid: int,
-    batch_size: int,
-    workers: int,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    failures: Sequence[Failure] = (),
-    progress: ProgressFn | None = None,
-) -> tuple[int, list[Failure]]:
-    """Encode `items` and feed every writer; returns (encoded count, failures).
-
-    Writers are closed (committing what was written) even when interrupted.
-    """
-    all_failures = list(failures)
-    encoded = 0
-    thread = _WriterThread(writers)
-    try:
-        batches = image_batches(
-            items,
-            size=size,
-            grid=grid,
-            batch_size=batch_size,
-            workers=workers,
-            pin=encoder.device.type == "cuda",
-            max_pixels=max_pixels,
-        )
-        for batch in batches:
-            all_failures.extend(batch.failures)
-            if batch.items:
-                host = _to_host(encode_splitting(encoder, batch.pixels))
-                b = batch
-
-                def job(b: ImageBatch = b, host: Callable[[], np.ndarray] = host) -> EncodedBatch:
-                    return EncodedBatch(b.items, host(), b.masks, b.orig_size_hw)
-
-                thread.put(job)
-                encoded += len(batch.items)
-            if progress:
-                progress(len(batch.items), len(batch.failures))
-    finally:
-        try:
-            thread.finish()
-        finally:
-            for w in writers:
-                w.record_failures(all_failures)
-            for w in writers:
-                w.close()
-    return encoded, all_failures
+# ---------------------------------------------------------------- the model behind the seam
 
 
 def encoding_info(loaded: LoadedModel, encoder: PatchEncoder, model_name: str) -> EncodingInfo:
@@ -310,6 +144,70 @@ def encoding_info(loaded: LoadedModel, encoder: PatchEncoder, model_name: str) -
     )
 
 
+class _LoadedEncoder:
+    """A `PatchEncoder` with the `EncodingInfo` of the model it was built from."""
+
+    def __init__(self, encoder: PatchEncoder, info: EncodingInfo) -> None:
+        self.patch_encoder, self.info, self.device = encoder, info, encoder.device
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.patch_encoder.encode(pixels)
+
+
+def model_encoder(options: BuildOptions, loaded: LoadedModel | None = None) -> ModelEncoder:
+    """Load `options.model` (or use `loaded`) into an encoder for `build`."""
+    device = resolve_device(options.device)
+    precision = options.precision or default_precision(device)
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise ConfigError(f"--precision {precision!r}: expected fp32, fp16 or bf16")
+    if loaded is None:
+        loaded = load_model(options.model, clip_output=options.clip_output)
+    size = options.size or loaded.spec.default_size
+    loaded.spec.grid(size)  # refuses sizes that are not a multiple of the patch
+    encoder = PatchEncoder(
+        loaded, size=size, device=device, precision=precision, clip_output=options.clip_output, compile=options.compile
+    )
+    return _LoadedEncoder(encoder, encoding_info(loaded, encoder, options.model))
+
+
+# ---------------------------------------------------------------- checks before the model loads
+
+
+def _check_options(options: BuildOptions) -> None:
+    if options.clip_output not in ("raw", "projected"):
+        raise ConfigError(f"--clip-output {options.clip_output!r}: expected raw or projected")
+    if options.precision is not None and options.precision not in ("fp32", "fp16", "bf16"):
+        raise ConfigError(f"--precision {options.precision!r}: expected fp32, fp16 or bf16")
+    resolve_device(options.device)
+
+
+def _refuse_locked_store(store: Path) -> None:
+    """Refuse a store that another build is writing before loading the model (seconds to
+    minutes); the store writer takes the lock for real when it opens. Creates nothing."""
+    from featstore.store.writer import lock_path
+
+    try:
+        fd = os.open(lock_path(store), os.O_RDWR)
+    except OSError:
+        return  # no lock file (or no folder yet): nobody is writing it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        raise StoreLockedError(f"{store} is being written by another featstore build (pid {pid})") from None
+    finally:
+        os.close(fd)  # also releases our flock, if we got it
+
+
+def _no_images(input_dir: str | os.PathLike[str], recursive: bool) -> ConfigError:
+    exts = " ".join(sorted(IMAGE_EXTENSIONS))
+    where = "under" if recursive else "directly in"
+    return ConfigError(f"no images found {where} {os.fspath(input_dir)} (looked for {exts}, any case)")
+
+
+# ---------------------------------------------------------------- build
+
+
 def build(
     input_dir: str | os.PathLike[str],
     options: BuildOptions,
@@ -319,87 +217,107 @@ def build(
     save_meta: bool = False,
     progress_factory: Callable[[int], Any] | None = None,
     loaded: LoadedModel | None = None,
+    encoder: ModelEncoder | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> BuildResult:
     """Encode every image under `input_dir` into per-image files and/or a store.
 
-    `progress_factory(total)` returns a context manager whose value is called as
-    `(done, failed)` after each batch (the CLI passes a progress bar).
+    Images whose outputs exist are skipped. `encoder` replaces loading `options.model`
+    (`loaded` reuses a loaded model). `progress_factory(total)` returns a context manager
+    whose value is called with the runner's `RunResult` after each batch and after the
+    commit (the CLI passes a progress bar); `log` gets one-line status messages.
+
+    SIGINT, SIGTERM and SIGHUP (when called from the main thread) stop the build between
+    batches: what was encoded is committed, then `BuildInterrupted` is raised.
     """
+    started = time.perf_counter()
+    say = log or (lambda _msg: None)
     if npy_dir is None and store is None:
         raise ConfigError("nothing to write: give --npy-dir, --store or both")
-    if options.clip_output not in ("raw", "projected"):
-        raise ConfigError(f"--clip-output {options.clip_output!r}: expected raw or projected")
-    device = resolve_device(options.device)
-    precision = options.precision or default_precision(device)
-    if precision not in ("fp32", "fp16", "bf16"):
-        raise ConfigError(f"--precision {precision!r}: expected fp32, fp16 or bf16")
+    _check_options(options)
     items = discover(input_dir, recursive=options.recursive)
+    if not items:
+        raise _no_images(input_dir, options.recursive)
+    if store is not None:
+        _refuse_locked_store(Path(store))
 
-    if loaded is None:
-        loaded = load_model(options.model, clip_output=options.clip_output)
-    size = options.size or loaded.spec.default_size
-    loaded.spec.grid(size)  # refuses sizes that are not a multiple of the patch
-    encoder = PatchEncoder(
-        loaded,
-        size=size,
-        device=device,
-        precision=precision,
-        clip_output=options.clip_output,
-        compile=options.compile,
+    stop = StopRequest()
+    with stop.handling_signals():
+        if encoder is None:
+            say(f"loading model {options.model} ...")
+            encoder = model_encoder(options, loaded)
+        info = encoder.info
+        if options.size is not None and options.size != info.size:
+            raise ConfigError(f"--size {options.size} disagrees with the encoder's size {info.size}")
+        if stop.requested:  # during the model load: nothing opened yet
+            raise BuildInterrupted(stop.signum or 0, 0)
+
+        writers: list[Writer] = []
+        try:
+            if store is not None:
+                from featstore.store.writer import open_store_writer
+
+                writers.append(open_store_writer(Path(store), info, overwrite=options.overwrite))
+            if npy_dir is not None:
+                writers.append(NpyWriter(Path(npy_dir), info, save_meta=save_meta, overwrite=options.overwrite))
+        except OSError as e:
+            for w in writers:
+                w.close()
+            raise output_error(e) from None
+
+        bad_names = unusable_names(items)  # not UTF-8, backslash: refused per file
+        failures: list[Failure] = list(bad_names.values())
+        items = [it for it in items if it.key not in bad_names]
+        if npy_dir is not None:  # a.png and a.jpg would both write a.npy: refuse the later one
+            clashes = output_collisions(items)
+            failures += [
+                Failure(k, f"output name collides with {first!r} (both write the same .npy)")
+                for k, first in clashes.items()
+            ]
+            items = [it for it in items if it.key not in clashes]
+
+        keys = [it.key for it in items]
+        pending: set[str] = set()
+        for w in writers:
+            pending |= w.pending(keys)
+        todo = [it for it in items if it.key in pending]  # one work unit: everything still to do
+
+        device = encoder.device
+        reader = ImageReader(
+            size=info.size,
+            grid=info.grid,
+            batch_size=options.batch_size or default_batch_size(device, info.hidden_dim),
+            workers=default_workers(device) if options.workers is None else options.workers,
+            pin=device.type == "cuda",
+            max_pixels=options.max_pixels,
+        )
+        startup = time.perf_counter() - started
+        progress_ctx = progress_factory(len(todo)) if progress_factory else nullcontext(None)
+        try:
+            with progress_ctx as update:
+                progress: ProgressFn | None = update
+                ran: RunResult = run(
+                    reader.batches(todo),
+                    encoder,
+                    writers,
+                    total=len(todo),
+                    failures=failures,
+                    progress=progress,
+                    stop=stop,
+                )
+        except OSError as e:
+            raise output_error(e) from None
+
+    result = BuildResult(
+        total=len(items) + len(failures),
+        encoded=ran.encoded,
+        skipped=len(items) - len(todo),
+        failures=ran.failures,
+        seconds=ran.seconds,
+        startup_seconds=startup,
+        stages=ran.stages,
+        info=info,
     )
-    info = encoding_info(loaded, encoder, options.model)
-
-    writers: list[Writer] = []
-    try:
-        if store is not None:
-            from featstore.store.writer import open_store_writer
-
-            writers.append(open_store_writer(Path(store), info, overwrite=options.overwrite))
-        if npy_dir is not None:
-            writers.append(NpyWriter(Path(npy_dir), info, save_meta=save_meta, overwrite=options.overwrite))
-    except OSError as e:
-        raise output_error(e) from None
-
-    bad_names = unusable_names(items)  # not UTF-8, backslash: refused per file
-    failures: list[Failure] = list(bad_names.values())
-    items = [it for it in items if it.key not in bad_names]
-    if npy_dir is not None:  # a.png and a.jpg would both write a.npy: refuse the later one
-        clashes = output_collisions(items)
-        failures += [
-            Failure(k, f"output name collides with {first!r} (both write the same .npy)")
-            for k, first in clashes.items()
-        ]
-        items = [it for it in items if it.key not in clashes]
-
-    keys = [it.key for it in items]
-    pending: set[str] = set()
-    for w in writers:
-        pending |= w.pending(keys)
-    todo = [it for it in items if it.key in pending]
-    result = BuildResult(total=len(items) + len(failures), skipped=len(items) - len(todo), info=info)
-
-    batch_size = options.batch_size or default_batch_size(device, encoder.out_dim)
-    workers = default_workers(device) if options.workers is None else options.workers
-    start = time.perf_counter()
-    progress_ctx = progress_factory(len(todo)) if progress_factory else nullcontext(None)
-    try:
-        with progress_ctx as update:
-            encoded, all_failures = run(
-                todo,
-                encoder,
-                writers,
-                size=size,
-                grid=encoder.grid,
-                batch_size=batch_size,
-                workers=workers,
-                max_pixels=options.max_pixels,
-                failures=failures,
-                progress=update,
-            )
-    except OSError as e:
-        raise output_error(e) from None
-    finally:
-        result.seconds = time.perf_counter() - start
-    result.encoded = encoded
-    result.failures = all_failures
+    if stop.signum is not None:
+        raise BuildInterrupted(stop.signum, result.encoded, result)
     return result

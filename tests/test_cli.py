@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.test_signals import FAKE_CLI, _fake_build, _wait_for
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -68,7 +70,8 @@ def test_build_writes_mirrored_outputs_and_a_summary(tiny_models, image_dir, tmp
         "--workers",
         "1",
     )
-    assert "encoded 5, skipped 0, failed 0" in p.stderr
+    assert "loading model" not in p.stderr  # status lines are for terminals; logs get the summary
+    assert "encoded 5, skipped 0, failed 0 in " in p.stderr and "; start-up " in p.stderr
     assert np.load(out / "sub" / "e.npy").shape == (64, 4, 4)
     assert json.loads((out / "sub" / "e.json").read_text())["source"] == str(image_dir / "sub" / "e.png")
     again = featstore("build", "-i", str(image_dir), "-m", tiny_models["clip"], "--npy-dir", str(out), "--size", "32")
@@ -149,3 +152,90 @@ def test_compat_script_help_keeps_the_seed_options():
     for opt in ["--input", "--output", "--model", "--size", "--device", "--fp16", "--overwrite", "--save_meta"]:
         assert opt in out
     assert "ViT-L/14" in out
+
+
+def test_empty_input_folder_is_refused_and_creates_nothing(tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    p = featstore(
+        "build", "-i", str(tmp_path / "empty"), "-m", "ViT-B/32", "--store", str(tmp_path / "out" / "s.zarr"),
+        "--npy-dir", str(tmp_path / "npy"), ok=False,
+    )  # fmt: skip
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines() == [
+        f"featstore: error: no images found under {tmp_path / 'empty'} "
+        "(looked for .bmp .gif .jpeg .jpg .png .tif .tiff .webp, any case)"
+    ]
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["empty"]
+
+
+def test_a_locked_store_is_refused_before_the_model_loads(image_dir, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    holder = _fake_build(image_dir, work, ["--store", "s.zarr"], hold=True)  # holds the store's lock
+    try:
+        _wait_for(work / "held", holder)
+        # a model that cannot load: refusing it first would prove the lock was checked later
+        p = featstore(
+            "build", "-i", str(image_dir), "-m", "no-such-org/no-such-model", "--store", str(work / "s.zarr"),
+            ok=False,
+        )  # fmt: skip
+        assert p.returncode == 2 and "loading model" not in p.stderr
+        assert p.stderr.strip().splitlines() == [
+            f"featstore: error: {work / 's.zarr'} is being written by another featstore build (pid {holder.pid})"
+        ]
+    finally:
+        (work / "release").touch()
+        holder.communicate(timeout=600)
+    assert holder.returncode == 0
+
+
+def test_fake_cli_is_the_real_command(image_dir, tmp_path):
+    p = run(sys.executable, str(FAKE_CLI), "build", "-i", str(image_dir), "-m", "fake", "--npy-dir", str(tmp_path))
+    assert "encoded 5, skipped 0, failed 0" in p.stderr and "loading model" not in p.stderr
+    assert np.load(tmp_path / "sub" / "e.npy").shape == (6, 4, 4)
+
+
+def test_compat_wrapper_names_python_when_featstore_is_missing(image_dir, tmp_path):
+    bare = tmp_path / "python-without-featstore"
+    bare.write_text(f'#!/bin/sh\nexec {sys.executable} -I -S "$@"\n')  # no site-packages, no PYTHONPATH
+    bare.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(bare))
+    p = subprocess.run(
+        [str(REPO / "cli" / "encode_clip_features.sh"), "--input", str(image_dir), "--output", str(tmp_path / "o")],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "featstore is not installed" in lines[0] and "PYTHON=" in lines[0], p.stderr
+
+
+def test_on_a_terminal_build_says_it_loads_the_model_and_the_bar_ends_at_the_summary_rate(tiny_models, image_dir):
+    import pty
+    import re
+
+    primary, secondary = pty.openpty()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="160", TERM="xterm")
+    args = ["build", "-i", str(image_dir), "-m", tiny_models["clip"], "--npy-dir", "out", "--size", "32"]
+    with subprocess.Popen(
+        [sys.executable, "-m", "featstore", *args, "--device", "cpu", "--workers", "0", "--batch-size", "2"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=secondary, env=env, cwd=image_dir.parent,
+    ) as proc:  # fmt: skip
+        os.close(secondary)
+        chunks = []
+        while True:
+            try:
+                data = os.read(primary, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        rc = proc.wait(timeout=300)
+    os.close(primary)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
+    assert rc == 0, text
+    assert text.lstrip().startswith(f"loading model {tiny_models['clip']} ..."), text
+    summary = re.search(r"encoded 5, skipped 0, failed 0 in [0-9.]+ s \(([0-9.]+) images/s\)", text)
+    bar_rates = re.findall(r"([0-9.]+) img/s", text)
+    assert summary and bar_rates, text
+    assert bar_rates[-1] == summary[1]  # the bar's last rate is the summary's

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from featstore.errors import ConfigError
-from featstore.pipeline import BuildOptions, build, encode_splitting
+from featstore.pipeline import BuildOptions, build
+from featstore.runner import encode_splitting
 from tests.conftest import make_rgba
 
 JSON_KEYS = [

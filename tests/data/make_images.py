@@ -1,4 +1,4 @@
-"""Regenerates the small example images shipped in examples/images (no downloads).
+"""Regenerates the small example images in tests/data/images (the README's quick start; no downloads).
 
 Two RGBA "renders" (a shaded sphere and a torus-like ring on transparent
 backgrounds), an opaque RGB render and a JPEG "photo" of a non-square size.

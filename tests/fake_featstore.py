@@ -1,0 +1,66 @@
+"""A tiny deterministic stand-in for the model, and the real CLI driven with it.
+
+`FakeEncoder` implements the `build(..., encoder=...)` seam without any weights: each
+channel of the (C, g, g) map is a fixed weighting of the patch's mean R, G and B, so
+outputs are exact, fast and the same on every machine. Pipeline tests pass it to
+`build`; CLI tests run this file as the `featstore` command:
+
+    python tests/fake_featstore.py build --input DIR --model fake --store out.zarr
+
+With FAKE_HOLD_AFTER=N and FAKE_HOLD_DIR=D in the environment, the encoder's call
+number N+1 creates D/held and then waits until D/release exists before returning:
+a test can signal the build at a known point without guessing how fast the machine is.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from featstore.batches import EncodingInfo
+
+
+class FakeEncoder:
+    def __init__(self, size: int = 32, patch: int = 8, channels: int = 6) -> None:
+        self.size, self.grid, self.channels = size, size // patch, channels
+        self.device = torch.device("cpu")
+        self.calls = 0
+        self.info = EncodingInfo(
+            model="fake",
+            model_source={"kind": "fake"},
+            family="fake",
+            feature_type="fake_patch_means",
+            clip_output="raw",
+            size=size,
+            grid=self.grid,
+            hidden_dim=channels,
+            dtype="float32",
+            mean=(0.0, 0.0, 0.0),
+            std=(1.0, 1.0, 1.0),
+        )
+        g = torch.Generator().manual_seed(0)
+        self.weights = torch.rand(channels, 3, generator=g)
+        hold = os.environ.get("FAKE_HOLD_AFTER")
+        self.hold_after = int(hold) if hold else None
+        self.hold_dir = Path(os.environ.get("FAKE_HOLD_DIR", "."))
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.calls == self.hold_after:
+            (self.hold_dir / "held").touch()
+            while not (self.hold_dir / "release").exists():
+                time.sleep(0.01)
+        self.calls += 1
+        x = pixels.float().permute(0, 3, 1, 2) / 255  # (B, 3, S, S)
+        patches = torch.nn.functional.avg_pool2d(x, self.size // self.grid)  # (B, 3, g, g)
+        return torch.einsum("ck,bkij->bcij", self.weights, patches).contiguous()
+
+
+if __name__ == "__main__":
+    from featstore.cli import main
+
+    size = int(os.environ.get("FAKE_SIZE", "32"))
+    main(sys.argv[1:], encoder=FakeEncoder(size=size))
