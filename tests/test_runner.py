@@ -198,3 +198,23 @@ def test_out_of_memory_in_a_build_splits_batches_and_completes(folder, tmp_path)
     build(folder, BuildOptions(model="fake", workers=0, batch_size=1), npy_dir=tmp_path / "one", encoder=FakeEncoder())
     for f in sorted((tmp_path / "one").glob("*.npy")):
         np.testing.assert_array_equal(np.load(f), np.load(tmp_path / "o" / f.name))
+
+
+def test_a_signal_before_the_outputs_open_stops_with_nothing_created(folder, tmp_path):
+    import os
+    import signal
+
+    class SignalledWhileLoading(FakeEncoder):
+        @property
+        def info(self):  # read by build right after the model would have loaded
+            os.kill(os.getpid(), signal.SIGHUP)
+            return self._info
+
+        @info.setter
+        def info(self, value):
+            self._info = value
+
+    with pytest.raises(BuildInterrupted) as e:
+        build(folder, BuildOptions(model="fake"), store=tmp_path / "s.zarr", encoder=SignalledWhileLoading())
+    assert e.value.exit_code == 129 and e.value.kept == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
