@@ -160,7 +160,10 @@ def build(
     strict: Annotated[bool, typer.Option("--strict", help=f"Exit {EXIT_SOME_FAILED} if any image failed.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Encode every image under --input; skips images already done (resume by re-running)."""
+    """Encode every image under --input; skips images already done (resume by re-running).
+
+    Ctrl-C, SIGTERM or SIGHUP stop after the current batch, keeping what was encoded.
+    """
     from featstore.pipeline import BuildOptions
     from featstore.pipeline import build as run_build
 
