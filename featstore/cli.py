@@ -76,12 +76,12 @@ def _progress_factory(quiet: bool) -> Any:
                 TextColumn("encoding"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]} img/s  failed {task.fields[failed]}"),
+                TextColumn("{task.fields[rate]} img/s  failed {task.fields[failed]}{task.fields[waits]}"),
                 TimeElapsedColumn(),
                 TimeRemainingColumn(),
                 console=console,
             )
-            self.task = self.progress.add_task("encoding", total=total, rate="-", failed=0)
+            self.task = self.progress.add_task("encoding", total=total, rate="-", failed=0, waits="")
 
         def __enter__(self) -> Any:
             self.progress.__enter__()
@@ -95,7 +95,12 @@ def _progress_factory(quiet: bool) -> Any:
             # was asked for), not rich's moving estimate, so the last one shown agrees.
             rate = f"{run.images_per_second:.1f}" if run.encoded else "-"
             done = run.encoded + run.decode_failures
-            self.progress.update(self.task, completed=done, rate=rate, failed=run.decode_failures)
+            # Where the model waited: on decoding (more --workers would help) or on writing (the disk).
+            waits = ""
+            if run.seconds > 0:
+                decode, write = run.stages.decode_wait / run.seconds, run.stages.write_wait / run.seconds
+                waits = f"  waiting for decode {decode:.0%}, disk {write:.0%}"
+            self.progress.update(self.task, completed=done, rate=rate, failed=run.decode_failures, waits=waits)
 
     return _Bar
 
@@ -155,7 +160,10 @@ def build(
     strict: Annotated[bool, typer.Option("--strict", help=f"Exit {EXIT_SOME_FAILED} if any image failed.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Encode every image under --input; skips images already done (resume by re-running)."""
+    """Encode every image under --input; skips images already done (resume by re-running).
+
+    Ctrl-C, SIGTERM or SIGHUP stop after the current batch, keeping what was encoded.
+    """
     from featstore.pipeline import BuildOptions
     from featstore.pipeline import build as run_build
 

@@ -1,9 +1,10 @@
 """A tiny deterministic stand-in for the model, and the real CLI driven with it.
 
 `FakeEncoder` implements the `build(..., encoder=...)` seam without any weights: each
-channel of the (C, g, g) map is a fixed weighting of the patch's mean R, G and B, so
-outputs are exact, fast and the same on every machine. Pipeline tests pass it to
-`build`; CLI tests run this file as the `featstore` command:
+channel of the (C, g, g) map is a fixed weighting of the patch's mean R, G and B,
+computed per image, so outputs are fast, do not depend on the batch size, and are the
+same on every run. Pipeline tests pass it to `build`; CLI tests run this file as the
+`featstore` command:
 
     python tests/fake_featstore.py build --input DIR --model fake --store out.zarr
 
@@ -54,9 +55,13 @@ class FakeEncoder:
             while not (self.hold_dir / "release").exists():
                 time.sleep(0.01)
         self.calls += 1
-        x = pixels.float().permute(0, 3, 1, 2) / 255  # (B, 3, S, S)
-        patches = torch.nn.functional.avg_pool2d(x, self.size // self.grid)  # (B, 3, g, g)
-        return torch.einsum("ck,bkij->bcij", self.weights, patches).contiguous()
+        # one image at a time, so that a row does not depend on the batch it came in
+        return torch.stack([self._one(p) for p in pixels]) if len(pixels) else torch.zeros(0)
+
+    def _one(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.float().permute(2, 0, 1)[None] / 255  # (1, 3, S, S)
+        patches = torch.nn.functional.avg_pool2d(x, self.size // self.grid)[0]  # (3, g, g)
+        return torch.einsum("ck,kij->cij", self.weights, patches).contiguous()
 
 
 if __name__ == "__main__":

@@ -176,3 +176,45 @@ def test_build_interrupted_from_the_library(folder, tmp_path):
         )
     assert e.value.exit_code == 143 and e.value.kept == 2 and "interrupted: 2 images kept" in str(e.value)
     assert sorted(p.name for p in (tmp_path / "o").glob("*_mask.npy")) == ["0_mask.npy", "1_mask.npy"]
+
+
+def test_out_of_memory_in_a_build_splits_batches_and_completes(folder, tmp_path):
+    class SmallGpu(FakeEncoder):
+        """Runs out of memory on batches over 2 images, as a model on a small GPU would."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.sizes: list[int] = []
+
+        def encode(self, pixels):
+            if len(pixels) > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            self.sizes.append(len(pixels))
+            return super().encode(pixels)
+
+    enc = SmallGpu()
+    result = build(folder, BuildOptions(model="fake", workers=0, batch_size=5), npy_dir=tmp_path / "o", encoder=enc)
+    assert (result.encoded, result.failed) == (7, 1) and max(enc.sizes) == 2 and sum(enc.sizes) == 7
+    build(folder, BuildOptions(model="fake", workers=0, batch_size=1), npy_dir=tmp_path / "one", encoder=FakeEncoder())
+    for f in sorted((tmp_path / "one").glob("*.npy")):
+        np.testing.assert_array_equal(np.load(f), np.load(tmp_path / "o" / f.name))
+
+
+def test_a_signal_before_the_outputs_open_stops_with_nothing_created(folder, tmp_path):
+    import os
+    import signal
+
+    class SignalledWhileLoading(FakeEncoder):
+        @property
+        def info(self):  # read by build right after the model would have loaded
+            os.kill(os.getpid(), signal.SIGHUP)
+            return self._info
+
+        @info.setter
+        def info(self, value):
+            self._info = value
+
+    with pytest.raises(BuildInterrupted) as e:
+        build(folder, BuildOptions(model="fake"), store=tmp_path / "s.zarr", encoder=SignalledWhileLoading())
+    assert e.value.exit_code == 129 and e.value.kept == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]

@@ -56,6 +56,7 @@ def _fake_build(images: Path, work: Path, outputs: list[str], hold: bool) -> sub
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # its own process group, as a job in a terminal or under a launcher
     )
 
 
@@ -96,11 +97,24 @@ def _kept(work: Path, mode: str) -> dict[str, int]:
     ids=lambda v: v.name if isinstance(v, signal.Signals) else v,
 )
 def test_stop_signal_keeps_encoded_images_and_the_rerun_resumes(many_images, tmp_path, mode, sig):
+    _stop_and_resume(many_images, tmp_path, mode, sig, lambda proc: proc.send_signal(sig))
+
+
+@pytest.mark.parametrize(
+    ("mode", "sig"), [("zarr", signal.SIGINT), ("npy", signal.SIGTERM)], ids=["ctrl-c-zarr", "sigterm-npy"]
+)
+def test_signal_to_the_whole_process_group_reaches_decode_workers_too(many_images, tmp_path, mode, sig):
+    """Ctrl-C in a terminal, and systemd or SLURM stopping a job, signal every process of
+    the group, the decode worker included: it must leave the stopping to the main process."""
+    _stop_and_resume(many_images, tmp_path, mode, sig, lambda proc: os.killpg(proc.pid, sig))
+
+
+def _stop_and_resume(many_images: Path, tmp_path: Path, mode: str, sig: signal.Signals, send) -> None:
     work = tmp_path / "work"
     work.mkdir()
     proc = _fake_build(many_images, work, MODES[mode], hold=True)
     _wait_for(work / "held", proc)
-    proc.send_signal(sig)
+    send(proc)
     (work / "release").touch()  # the signal is already pending: the runner sees it when the batch returns
     _, err = proc.communicate(timeout=WAIT_S)
 
