@@ -463,7 +463,7 @@ def test_embedding_rows(tmp_path: Path, suffix: str) -> None:
         w.write(make_batch(KEYS[6:], info=info))
     with open_store(path) as s:
         assert s.has_embedding and s.info.embedding_dim == 5
-        for i, k in enumerate(KEYS):
+        for k in KEYS:
             emb = s[k].embedding
             assert emb is not None and emb.dtype == np.float32
             np.testing.assert_array_equal(emb, embedding_values(k, 5))

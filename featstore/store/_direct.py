@@ -90,7 +90,7 @@ class ShardedRows:
         except FileNotFoundError:
             index = None
         else:
-            index = self._decode_index(raw, size, key)
+            index = self._decode_index(raw, size, f"{self.blobs.location}/{key}")
         self._indexes[shard] = index
         while len(self._indexes) > OPEN_SHARDS:
             self._indexes.popitem(last=False)

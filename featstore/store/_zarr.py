@@ -14,7 +14,6 @@ are in benchmarks/README.md.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import math
@@ -141,7 +140,8 @@ class Layout:
         feats = self.meta[FEATURES]
         shards = feats["codecs"][0] if feats.get("codecs") else {}
         grid = list(feats["chunk_grid"]["configuration"]["chunk_shape"])
-        self.shard_rows = int(grid[0])
+        # Layout 2 records it; layout 1 had the features' shards (or chunks) of that many rows.
+        self.shard_rows = int(self.attrs.get("shard_rows") or grid[0])
         self.sharded = isinstance(shards, dict) and shards.get("name") == "sharding_indexed"
         self._load_commits()
 
@@ -513,24 +513,16 @@ def _put_json(doc: dict[str, Any]) -> bytes:
 
 def delete_store(blobs: Blobs) -> None:
     """Remove a store so that it never looks half-deleted: every shard's commit record (keys
-    chunk) first, so readers see whole shards vanish; then the rest; the group last."""
-    keys = blobs.list(f"{KEYS}/c")
-    blobs.delete_many(keys)
-    rest = [k for k in blobs.list("") if k != "zarr.json"] if isinstance(blobs, RemoteBlobs) else None
-    if rest is None:
+    chunk) first, so readers see whole shards vanish; then the group's zarr.json (no store
+    from here on; leftovers are invisible and overwritten by a new store); then the rest."""
+    blobs.delete_many(blobs.list(f"{KEYS}/c"))
+    blobs.delete_many(["zarr.json"])
+    if isinstance(blobs, LocalBlobs):
         import shutil
 
-        root = blobs.location.path
-        for child in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-            if child != "zarr.json":
-                p = root / child
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        shutil.rmtree(blobs.location.path, ignore_errors=True)
     else:
-        blobs.delete_many(rest)
-    blobs.delete_many(["zarr.json"])
-    if blobs.is_local:
-        with contextlib.suppress(OSError):
-            os.rmdir(blobs.location.path)
+        blobs.delete_many(blobs.list(""))
 
 
 def create_store(blobs: Blobs, attrs: dict[str, Any], info: EncodingInfo, shard_rows: int) -> bool:

@@ -143,6 +143,8 @@ def fsspec_options(location: Location) -> dict[str, Any]:
         # Requests as s3fs makes them by default, but with no retries of a refused
         # credential: a wrong key should be one error now, not a minute of backoff.
         options["config_kwargs"] = {"retries": {"max_attempts": 3, "mode": "standard"}}
+    # Listings must be fresh: a reader lists the commit records of other processes.
+    options["use_listings_cache"] = False
     given = dict(location.storage_options)
     if "region_name" in given and location.protocol == "s3":
         options.setdefault("client_kwargs", {})["region_name"] = given.pop("region_name")
