@@ -64,6 +64,7 @@ class EncodedBatch:
     features: np.ndarray  # (B, C, grid, grid) float16 or float32
     masks: np.ndarray  # (B, grid, grid) uint8
     orig_size_hw: np.ndarray  # (B, 2) int32
+    embedding: np.ndarray | None = None  # (B, E) pooled embedding, or None
 
     @property
     def keys(self) -> list[str]:
@@ -91,6 +92,7 @@ class EncodingInfo:
     resize: str = "shorter-side bicubic (antialiased), center crop"
     premultiply: str = "rgb = uint8(rgb/255 * alpha/255 * 255)"
     preprocessing: str = "opencv_alpha_multiplication"  # the reference's JSON value
+    embedding_dim: int = 0  # width of the pooled embedding stored beside the maps; 0 = none
 
     # What must match for rows to be appended to an existing store.
     COMPATIBILITY_FIELDS = ("family", "feature_type", "clip_output", "size", "grid", "hidden_dim", "dtype")

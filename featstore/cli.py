@@ -130,7 +130,14 @@ def build(
         ),
     ] = None,
     store: Annotated[
-        Path | None, typer.Option("--store", help="Write a feature store: PATH.zarr (Zarr v3) or PATH.h5 (HDF5).")
+        str | None,
+        typer.Option(
+            "--store", help="Write a feature store: PATH.zarr (Zarr v3), PATH.h5 (HDF5) or s3://BUCKET/PREFIX/x.zarr."
+        ),
+    ] = None,
+    storage_option: Annotated[
+        list[str] | None,
+        typer.Option("--storage-option", help="KEY=VALUE for an s3:// store (e.g. endpoint_url=...); repeatable."),
     ] = None,
     size: Annotated[
         int | None, typer.Option(help="Input resolution (a multiple of the patch size). Default: the model's.")
@@ -182,11 +189,14 @@ def build(
         max_pixels=max_pixels,
         compile=compile,
     )
+    from featstore.store.location import as_location, parse_storage_options
+
+    where = as_location(store, parse_storage_options(storage_option or ())) if store is not None else None
     result = run_build(
         input,
         options,
         npy_dir=npy_dir,
-        store=store,
+        store=where,
         save_meta=save_meta,
         progress_factory=_progress_factory(quiet),
         encoder=(ctx.obj or {}).get("encoder"),

@@ -1,6 +1,9 @@
-"""The store commands of the `featstore` CLI: each parses, calls `featstore.store.ops`, prints.
+"""The store commands of the `featstore` CLI: each parses, calls `featstore.convert` or
+`featstore.store`, prints.
 
-FeatstoreErrors propagate: `featstore.cli.main` prints them on one line.
+Every STORE argument is a path or a URL (`s3://bucket/prefix/x.zarr`), normalised once
+here into a `Location`, with `--storage-option KEY=VALUE`s. FeatstoreErrors propagate:
+`featstore.cli.main` prints them on one line.
 """
 
 from __future__ import annotations
@@ -11,7 +14,17 @@ from typing import Annotated
 
 import typer
 
-STORE_HELP = "A store: PATH.zarr (Zarr v3) or PATH.h5 / PATH.hdf5 (HDF5)."
+from featstore.store.location import Location, as_location, parse_storage_options
+
+STORE_HELP = "A store: PATH.zarr (Zarr v3), PATH.h5 / PATH.hdf5 (HDF5) or s3://BUCKET/PREFIX/x.zarr."
+StorageOptions = Annotated[
+    list[str] | None,
+    typer.Option("--storage-option", help="KEY=VALUE for an s3:// store (e.g. endpoint_url=...); repeatable."),
+]
+
+
+def _loc(store: str, options: list[str] | None) -> Location:
+    return as_location(store, parse_storage_options(options or ()))
 
 
 def _size(n: float) -> str:
@@ -23,7 +36,7 @@ def _size(n: float) -> str:
 
 
 def export_npy(
-    store: Annotated[Path, typer.Argument(help=STORE_HELP)],
+    store: Annotated[str, typer.Argument(help=STORE_HELP)],
     out: Annotated[Path, typer.Argument(help="Folder to write <key stem>.npy and <key stem>_mask.npy into.")],
     save_meta: Annotated[
         bool, typer.Option("--save-meta", help="Also write the per-image .json of the reference scripts.")
@@ -31,11 +44,15 @@ def export_npy(
     keys: Annotated[
         list[str] | None, typer.Option("--keys", "-k", help="Export only this key (repeat for several).")
     ] = None,
+    embedding: Annotated[
+        bool, typer.Option("--embedding", help="Also write NAME_embedding.npy (stores that hold embeddings).")
+    ] = False,
+    storage_option: StorageOptions = None,
 ) -> None:
     """Write a store's rows as reference-format per-image files (byte-identical to `build --npy-dir`)."""
-    from featstore.store.ops import export_npy as run
+    from featstore.convert import export_npy as run
 
-    result = run(store, out, save_meta=save_meta, keys=keys)
+    result = run(_loc(store, storage_option), out, save_meta=save_meta, keys=keys, embedding=embedding)
     typer.echo(f"wrote {result.written} image(s) to {out}")
     for f in result.refused:
         typer.echo(f"  refused {f.key!r}: {f.reason}", err=True)
@@ -47,20 +64,21 @@ def import_npy(
     npy_dir: Annotated[
         Path, typer.Argument(help="Folder of x.npy + x_mask.npy (+ x.json) files, searched recursively.")
     ],
-    store: Annotated[Path, typer.Argument(help=STORE_HELP + " Created if absent, else appended to.")],
+    store: Annotated[str, typer.Argument(help=STORE_HELP + " Created if absent, else appended to.")],
     model: Annotated[
         str | None,
         typer.Option("--model", "-m", help="The model that made the features; required when there are no .json files."),
     ] = None,
+    storage_option: StorageOptions = None,
 ) -> None:
     """Ingest reference-format per-image outputs into a store (rows already there are skipped).
 
     Keys are the file paths relative to NPY_DIR with the image's extension from the JSON
     "source" (sub/a.npy + source .../a.png -> sub/a.png), or with ".npy" without JSON.
     """
-    from featstore.store.ops import import_npy as run
+    from featstore.convert import import_npy as run
 
-    result = run(npy_dir, store, model=model)
+    result = run(npy_dir, _loc(store, storage_option), model=model)
     typer.echo(f"imported {result.imported} row(s) into {store}; {result.skipped} already there")
     for f in result.refused:
         typer.echo(f"  refused {f.key!r}: {f.reason}", err=True)
@@ -69,13 +87,14 @@ def import_npy(
 
 
 def info(
-    store: Annotated[Path, typer.Argument(help=STORE_HELP)],
+    store: Annotated[str, typer.Argument(help=STORE_HELP)],
     as_json: Annotated[bool, typer.Option("--json", help="Print the description as JSON.")] = False,
+    storage_option: StorageOptions = None,
 ) -> None:
     """Describe a store: model, shapes, rows, failures, arrays, codecs and disk use."""
-    from featstore.store.ops import info as run
+    from featstore.convert import info as run
 
-    d = run(store)
+    d = run(_loc(store, storage_option))
     if as_json:
         typer.echo(json.dumps(d, indent=2, ensure_ascii=False))
         return
@@ -103,44 +122,57 @@ def info(
     typer.echo("\n".join(lines))
 
 
-def ls(store: Annotated[Path, typer.Argument(help=STORE_HELP)]) -> None:
+def ls(store: Annotated[str, typer.Argument(help=STORE_HELP)], storage_option: StorageOptions = None) -> None:
     """Print the keys of a store's rows, one per line, in row order."""
     from featstore.store import open_store
 
-    with open_store(store) as s:
+    with open_store(_loc(store, storage_option)) as s:
         keys = s.keys()
     for key in keys:
         typer.echo(key)
 
 
 def convert(
-    src: Annotated[Path, typer.Argument(help="The store to read. " + STORE_HELP)],
-    dst: Annotated[Path, typer.Argument(help="The store to create; its suffix picks the format.")],
+    src: Annotated[str, typer.Argument(help="The store to read. " + STORE_HELP)],
+    dst: Annotated[str, typer.Argument(help="The store to create; its suffix picks the format.")],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace DST if it exists.")] = False,
+    storage_option: StorageOptions = None,
 ) -> None:
-    """Copy a store into another format (Zarr <-> HDF5): same rows, order, encoding and failures."""
-    from featstore.store.ops import convert as run
+    """Copy a store into another format or place (Zarr <-> HDF5, local <-> S3): same rows, order, encoding, failures."""
+    from featstore.convert import convert as run
 
-    n = run(src, dst, overwrite=overwrite)
+    n = run(_loc(src, storage_option), _loc(dst, storage_option), overwrite=overwrite)
     typer.echo(f"converted {n} row(s): {src} -> {dst}")
 
 
 def preview(
-    store: Annotated[Path, typer.Argument(help=STORE_HELP)],
+    store: Annotated[str, typer.Argument(help=STORE_HELP)],
     key: Annotated[str, typer.Argument(help="The row's key (image path relative to the input folder), or its index.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The PNG to write.")],
     image: Annotated[
         Path | None, typer.Option("--image", help="The input folder of the build: show the source image too.")
     ] = None,
+    storage_option: StorageOptions = None,
 ) -> None:
     """Save a PNG of one row: PCA of its features as RGB, its mask (and the source image)."""
     from featstore.preview import render_preview
     from featstore.store import open_store
 
-    with open_store(store) as s:
+    with open_store(_loc(store, storage_option)) as s:
         item = key if key in s or not key.lstrip("-").isdigit() else s[int(key)].key
         render_preview(s, item, out, image_root=image)
     typer.echo(f"wrote {out}")
+
+
+def upgrade(store: Annotated[str, typer.Argument(help=STORE_HELP)], storage_option: StorageOptions = None) -> None:
+    """Bring a Zarr store written by featstore 0.1 (layout 1) to the current layout, in place."""
+    from featstore.store import LAYOUT_VERSION, upgrade_store
+
+    old = upgrade_store(_loc(store, storage_option))
+    if old == LAYOUT_VERSION:
+        typer.echo(f"{store} already has layout {LAYOUT_VERSION}")
+    else:
+        typer.echo(f"upgraded {store}: layout {old} -> {LAYOUT_VERSION}")
 
 
 def register(app: typer.Typer) -> None:
@@ -151,3 +183,4 @@ def register(app: typer.Typer) -> None:
     app.command("ls")(ls)
     app.command("convert")(convert)
     app.command("preview")(preview)
+    app.command("upgrade")(upgrade)

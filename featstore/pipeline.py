@@ -9,7 +9,6 @@ of loading a model: the seam for tests and benchmarks.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 from collections.abc import Callable
@@ -22,7 +21,7 @@ import torch
 
 from featstore.batches import EncodingInfo, Failure, Writer
 from featstore.encoder import PatchEncoder
-from featstore.errors import BuildInterrupted, ConfigError, StoreLockedError
+from featstore.errors import BuildInterrupted, ConfigError
 from featstore.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, discover, output_collisions, unusable_names
 from featstore.loading import LoadedModel, load_model
 from featstore.npy import NpyWriter
@@ -181,24 +180,6 @@ def _check_options(options: BuildOptions) -> None:
     resolve_device(options.device)
 
 
-def _refuse_locked_store(store: Path) -> None:
-    """Refuse a store that another build is writing before loading the model (seconds to
-    minutes); the store writer takes the lock for real when it opens. Creates nothing."""
-    from featstore.store.writer import lock_path
-
-    try:
-        fd = os.open(lock_path(store), os.O_RDWR)
-    except OSError:
-        return  # no lock file (or no folder yet): nobody is writing it
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-        raise StoreLockedError(f"{store} is being written by another featstore build (pid {pid})") from None
-    finally:
-        os.close(fd)  # also releases our flock, if we got it
-
-
 def _no_images(input_dir: str | os.PathLike[str], recursive: bool) -> ConfigError:
     exts = " ".join(sorted(IMAGE_EXTENSIONS))
     where = "under" if recursive else "directly in"
@@ -238,9 +219,6 @@ def build(
     items = discover(input_dir, recursive=options.recursive)
     if not items:
         raise _no_images(input_dir, options.recursive)
-    if store is not None:
-        _refuse_locked_store(Path(store))
-
     stop = StopRequest()
     with stop.handling_signals():
         if encoder is None:
@@ -255,9 +233,10 @@ def build(
         writers: list[Writer] = []
         try:
             if store is not None:
+                from featstore import __version__
                 from featstore.store.writer import open_store_writer
 
-                writers.append(open_store_writer(Path(store), info, overwrite=options.overwrite))
+                writers.append(open_store_writer(store, info, overwrite=options.overwrite, featstore_version=__version__))
             if npy_dir is not None:
                 writers.append(NpyWriter(Path(npy_dir), info, save_meta=save_meta, overwrite=options.overwrite))
         except OSError as e:

@@ -4,32 +4,37 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from featstore.store import FeatureStore, open_store
-from featstore.store._zarr import _engine_order
+from featstore.store import FeatureStore, Location, as_location, engine_order, open_store
 
 _inherited: list[Any] = []  # a forked child keeps its parent's handles here, unused and unclosed
 
-StorePaths = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Mapping[str, str | os.PathLike[str]]
+Where = str | os.PathLike[str] | Location
+StorePaths = Where | Sequence[Where] | Mapping[str, Where]
 
 
-def _named_paths(path_or_paths: StorePaths) -> tuple[dict[str, Path], bool]:
-    """name -> path, and whether several stores were given."""
-    if isinstance(path_or_paths, str | os.PathLike):
-        p = Path(path_or_paths)
-        return {p.stem: p}, False
+def _stem(location: Location) -> str:
+    return os.path.splitext(location.name)[0]
+
+
+def _named_paths(
+    path_or_paths: StorePaths, storage_options: Mapping[str, Any] | None
+) -> tuple[dict[str, Location], bool]:
+    """name -> location, and whether several stores were given."""
+    if isinstance(path_or_paths, str | os.PathLike | Location):
+        loc = as_location(path_or_paths, storage_options)
+        return {_stem(loc): loc}, False
     if isinstance(path_or_paths, Mapping):
-        named = {str(k): Path(v) for k, v in path_or_paths.items()}
+        named = {str(k): as_location(v, storage_options) for k, v in path_or_paths.items()}
     else:
-        paths = [Path(p) for p in path_or_paths]
-        named = {p.stem: p for p in paths}
-        if len(named) != len(paths):
+        locs = [as_location(p, storage_options) for p in path_or_paths]
+        named = {_stem(loc): loc for loc in locs}
+        if len(named) != len(locs):
             raise ValueError("stores with the same file name: pass a mapping {name: path} instead")
     if not named:
         raise ValueError("no store given")
@@ -55,10 +60,13 @@ class FeatureDataset(Dataset):
     keys present in every store, in the first store's order. `labels` (key -> anything)
     adds "label" to each item; with `keys=None` it also selects the rows: those labelled
     (a labelled key missing from a store raises KeyError). `with_mask=False` drops "mask".
+    `with_embedding=True` adds "embedding" (E,) float32 (stores written with embeddings).
     `dtype` (e.g. torch.float32) converts the features; default: as stored.
+    Stores may be paths or URLs (`s3://bucket/x.zarr`, with `storage_options`).
 
-    Works with DataLoader workers under fork and spawn: the dataset pickles only paths
-    and row numbers, and each process opens the stores itself on first use. Batched
+    Works with DataLoader workers under fork and spawn, local or on S3: the dataset
+    pickles only locations and row numbers, and each process opens the stores itself on
+    first use (remote I/O is fsspec's, which makes a new client in each process). Batched
     reads (`__getitems__`, used by DataLoader) read each store with one `get_batch`.
 
     Zarr and HDF5 stores written by featstore are read by byte offset (engine
@@ -78,17 +86,24 @@ class FeatureDataset(Dataset):
         labels: Mapping[str, Any] | None = None,
         dtype: torch.dtype | None = None,
         *,
+        with_embedding: bool = False,
         engine: str | Sequence[str] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
-        self.paths, self.joined = _named_paths(path_or_paths)
+        self.paths, self.joined = _named_paths(path_or_paths, storage_options)
         if engine is not None:
-            _engine_order(engine)  # a bad name fails here, not in a worker
+            engine_order(engine)  # a bad name fails here, not in a worker
         self.engine = engine
         self.with_mask = with_mask
+        self.with_embedding = with_embedding
         self.dtype = dtype
         self._stores: dict[str, FeatureStore] = {}
         self._pid = os.getpid()
         stores = self._open()
+        if with_embedding:
+            lacking = [name for name, st in stores.items() if not st.has_embedding]
+            if lacking:
+                raise ValueError(f"with_embedding=True, but store {lacking[0]!r} holds no embeddings")
         indexes = {name: {k: i for i, k in enumerate(s.keys())} for name, s in stores.items()}
         first = next(iter(indexes.values()))
         if keys is None and labels is not None:
@@ -127,12 +142,15 @@ class FeatureDataset(Dataset):
         idx = np.asarray(indices, dtype=np.int64)
         feats: dict[str, torch.Tensor] = {}
         masks: dict[str, torch.Tensor] = {}
+        embs: dict[str, torch.Tensor] = {}
         for name, store in self._open().items():
             batch = store.get_batch(self.rows[name][idx])
             feats[name] = torch.from_numpy(batch.features)
             if self.dtype is not None:
                 feats[name] = feats[name].to(self.dtype)
             masks[name] = torch.from_numpy(batch.masks)
+            if self.with_embedding and batch.embedding is not None:
+                embs[name] = torch.from_numpy(batch.embedding)
         items = []
         for j, i in enumerate(idx.tolist()):
             item: dict[str, Any] = {"key": self.keys[i]}
@@ -140,10 +158,14 @@ class FeatureDataset(Dataset):
                 item["features"] = {name: f[j] for name, f in feats.items()}
                 if self.with_mask:
                     item["mask"] = {name: m[j] for name, m in masks.items()}
+                if self.with_embedding:
+                    item["embedding"] = {name: e[j] for name, e in embs.items()}
             else:
                 item["features"] = next(iter(feats.values()))[j]
                 if self.with_mask:
                     item["mask"] = next(iter(masks.values()))[j]
+                if self.with_embedding:
+                    item["embedding"] = next(iter(embs.values()))[j]
             if self.labels is not None:
                 item["label"] = self.labels[i]
             items.append(item)

@@ -91,3 +91,13 @@ def image_dir(tmp_path: Path) -> Path:
     Image.fromarray(make_rgba(48, 64, 4)[..., :3]).save(d / "d_photo.jpg", quality=95)
     Image.fromarray(make_rgba(40, 32, 5)).save(d / "sub" / "e.png")
     return d
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3 server (SeaweedFS) on 127.0.0.1 for the whole session; see tests/s3_server.py."""
+    from tests.s3_server import S3Server
+
+    server = S3Server.start(tmp_path_factory.mktemp("s3"))
+    yield server
+    server.stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,24 +40,40 @@ def row_values(key: str, c: int = C, g: int = G, dtype: str = "float16") -> tupl
     return feats, mask, [int(x) for x in rng.integers(1, 4000, 2)]
 
 
+def embedding_values(key: str, e: int) -> np.ndarray:
+    """A pooled embedding that depends only on the key."""
+    seed = sum(key.encode("utf-8", "surrogateescape")) + 7 * len(key)
+    return np.random.default_rng(seed).normal(size=(e,)).astype(np.float32)
+
+
 def make_batch(keys: Sequence[str], root: str = "imgs", info: EncodingInfo | None = None) -> EncodedBatch:
     c, g, dtype = (info.hidden_dim, info.grid, info.dtype) if info else (C, G, "float16")
+    e = info.embedding_dim if info else 0
     values = [row_values(k, c, g, dtype) for k in keys]
     return EncodedBatch(
         items=[ImageItem(k, f"{root}/{k}") for k in keys],
         features=np.stack([v[0] for v in values]) if values else np.empty((0, c, g, g), dtype),
         masks=np.stack([v[1] for v in values]) if values else np.empty((0, g, g), np.uint8),
         orig_size_hw=np.array([v[2] for v in values], dtype=np.int32).reshape(-1, 2),
+        embedding=np.stack([embedding_values(k, e) for k in keys]).reshape(-1, e) if e else None,
     )
 
 
-def edit_attrs(path: Path, **changes: Any) -> None:
+def blobs(where: Any) -> Any:
+    """The store's objects, local or remote (to change a store behind featstore's back)."""
+    from featstore.store._blobs import open_blobs
+    from featstore.store.location import as_location
+
+    return open_blobs(as_location(where))
+
+
+def edit_attrs(path: Any, **changes: Any) -> None:
     """Change a store's attributes behind featstore's back."""
-    if path.suffix == ".zarr":
-        meta_path = path / "zarr.json"
-        meta = json.loads(meta_path.read_text())
+    if str(path).endswith(".zarr"):
+        b = blobs(path)
+        meta = json.loads(b.read("zarr.json"))
         meta["attributes"].update(changes)
-        meta_path.write_text(json.dumps(meta))
+        b.write_many({"zarr.json": json.dumps(meta).encode()})
     else:
         import h5py
 
@@ -67,11 +82,10 @@ def edit_attrs(path: Path, **changes: Any) -> None:
                 f.attrs[k] = json.dumps(v)
 
 
-def delete_array(path: Path, name: str) -> None:
-    if path.suffix == ".zarr":
-        import shutil
-
-        shutil.rmtree(path / name)
+def delete_array(path: Any, name: str) -> None:
+    if str(path).endswith(".zarr"):
+        b = blobs(path)
+        b.delete_many(b.list(name))
     else:
         import h5py
 

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 import featstore
+from featstore.convert import export_npy
 from featstore.errors import IncompatibleStoreError
 from featstore.pipeline import BuildOptions, build
-from featstore.store.ops import export_npy
 from tests.conftest import make_rgba
 
 
@@ -52,7 +52,7 @@ def test_store_and_npy_in_one_pass_then_append(tiny_models, image_dir, tmp_path)
         assert len(s) == 7 and len(set(s.keys())) == 7
         assert "sub/ünï.png" in s and "new one.png" in s
         np.testing.assert_array_equal(s["new one.png"].features, np.load(tmp_path / "npy" / "new one.npy"))
-        assert s.attrs["num_rows"] == 7
+        assert s.attrs["layout_version"] == 2
 
 
 def test_appending_with_another_model_or_size_is_refused(tiny_models, image_dir, tmp_path):

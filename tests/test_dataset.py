@@ -146,3 +146,27 @@ def test_engines_in_forked_workers(stores: dict[str, Path]) -> None:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.splitlines() == ["['direct'] direct", "['zarr'] tensorstore"]
+
+
+def test_embeddings_in_items_and_export(tmp_path: Path) -> None:
+    from featstore.convert import export_npy
+    from tests.store_helpers import embedding_values
+
+    info = make_info(embedding_dim=6)
+    path = tmp_path / "emb.zarr"
+    keys = CLIP_KEYS[:10]
+    with open_store_writer(path, info, overwrite=False, shard_rows=4) as w:
+        w.write(make_batch(keys, info=info))
+    ds = FeatureDataset(path, with_embedding=True)
+    item = ds[2]
+    assert item["embedding"].dtype == torch.float32
+    np.testing.assert_array_equal(item["embedding"].numpy(), embedding_values(keys[2], 6))
+    batch = next(iter(DataLoader(ds, batch_size=4)))
+    assert batch["embedding"].shape == (4, 6)
+    assert "embedding" not in FeatureDataset(path)[0]
+    with pytest.raises(ValueError, match="holds no embeddings"):
+        FeatureDataset(_write(tmp_path / "plain.zarr", keys), with_embedding=True)
+    result = export_npy(path, tmp_path / "out", save_meta=False, embedding=True)
+    assert result.written == 10
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "k03_embedding.npy"), embedding_values("k03.png", 6))
+    assert np.load(tmp_path / "out" / "k03.npy").shape == (16, 4, 4)

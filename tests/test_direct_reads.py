@@ -128,9 +128,9 @@ def test_reader_keeps_its_snapshot_while_a_writer_rewrites_the_open_shard(tmp_pa
 
 
 def test_open_shards_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import featstore.store._direct as direct
+    import featstore.store._blobs as blobs
 
-    monkeypatch.setattr(direct, "OPEN_SHARDS", 2)
+    monkeypatch.setattr(blobs, "OPEN_FILES", 2)
     path = tmp_path / "s.zarr"
     write(path, KEYS, shard_rows=2)  # 20 shards
     fds_before = len(os.listdir("/proc/self/fd"))
@@ -214,15 +214,17 @@ def test_float32_rows(tmp_path: Path) -> None:
 
 def test_appender_continues_a_shard_after_a_partial_commit(tmp_path: Path) -> None:
     """commit() writes the open shard partially; rows appended afterwards rewrite it whole."""
-    from featstore.store._zarr import ZarrAppender
+    from featstore.store import as_location
+    from featstore.store._zarr import ZarrShardWriter
 
     path = tmp_path / "s.zarr"
     write(path, [])
-    appender = ZarrAppender(path)
+    writer = ZarrShardWriter(as_location(path), make_info(), version="test", overwrite=False, shard_rows=8)
     for part in (KEYS[:5], KEYS[5:11]):
         b = make_batch(part)
-        appender.append(list(part), [it.path for it in b.items], b.features, b.masks, b.orig_size_hw)
-        appender.commit({})
+        writer.append(list(part), [it.path for it in b.items], b.features, b.masks, b.orig_size_hw, None)
+        writer.commit({})
+    writer.close()
     for engine in ("direct", "zarr"):
         with open_store(path, engine=engine) as s:
             assert s.keys() == KEYS[:11]

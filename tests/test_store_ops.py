@@ -11,11 +11,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from featstore.batches import Failure
+from featstore.convert import convert, export_npy, import_key, import_npy, info
 from featstore.errors import ConfigError, StoreError
 from featstore.npy import NpyWriter
 from featstore.preview import pca_rgb, render_preview
 from featstore.store import open_store, open_store_writer
-from featstore.store.ops import convert, export_npy, import_key, import_npy, info
 from tests.store_helpers import C, G, make_batch, make_info
 
 KEYS = ["a.png", "sub/b.jpg", "sub/deeper/c d.webp", "ünï.png", "dots.in.name.png"]

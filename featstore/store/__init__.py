@@ -1,19 +1,68 @@
-"""Feature stores: one row per image (features, mask, key, source, original size) in
-Zarr v3 (`*.zarr`) or HDF5 (`*.h5`, `*.hdf5`), behind one reader interface.
+"""Feature stores: one row per image (features, mask, key, source, original size and,
+optionally, a pooled embedding) in Zarr v3 (`*.zarr`, on local disk or object storage)
+or HDF5 (`*.h5`, `*.hdf5`, local), behind one reader interface.
 
-    with open_store("feats.zarr") as store:
+    with open_store("feats.zarr") as store:            # or "s3://bucket/prefix/feats.zarr"
         row = store["cats/a.png"]          # or store[0], store[-1]
         batch = store.get_batch([0, 5, "dogs/b.jpg"])
 
-Writing goes through `open_store_writer` (the pipeline's store stage); the layout is
-described in `featstore.store.base`.
+Writing goes through `open_store_writer` (the pipeline's store stage). Modules: the
+array layout and the reader interface (`base`), where a store lives (`location`),
+object I/O local and remote (`_blobs`), byte-range rows (`_direct`), the backends
+(`_zarr`, `_hdf5`) and the writer facade (`writer`).
+
+The commit protocol (Zarr, layout 2)
+------------------------------------
+It needs only what object storage gives: a single PUT is atomic and visible whole, a
+PUT can be conditional (`If-None-Match: *`), a prefix can be listed. No rename, no lock.
+
+- The shard is the unit of writing and of commit. Shard `s` holds rows
+  `s*shard_rows ...` of every array: one object per array (`features/c/s/0/0/0`, a
+  sharded Zarr chunk; `masks/c/s/0/0`, `sources/c/s`, `orig_size_hw/c/s/0`,
+  `embedding/c/s/0`), each written whole, by the one writer that owns the shard.
+- The shard's `keys` chunk (`keys/c/s`) is written last and is its commit record: the
+  rows of shard `s` that exist are those it names (up to the first empty key; keys are
+  never empty). A reader lists `keys/c/`, reads those chunks, and sees exactly the
+  committed rows, in shard order; data objects without a keys chunk are invisible.
+- A shard is committed by creating its keys chunk with a conditional create (S3
+  `If-None-Match: *`, an exclusive link on local disk): a second writer of the same
+  shard fails instead of overwriting. A writer that reopens a store refills its last,
+  partial shard: it reads the committed rows back and rewrites every object of that
+  shard whole (replacing, never adding a copy), the keys chunk last. Committed rows
+  keep their bytes and offsets in the new objects, so a reader that saw the old
+  record reads the same rows from either version of an object.
+- Metadata (the group's and arrays' `zarr.json`) is written by one process, the
+  store's metadata writer: the build that creates the store writes the arrays' metadata
+  and then the group's `zarr.json` by a conditional create (the store exists from that
+  write on); afterwards the single-process build raises the arrays' shapes after each
+  commit (so that zarr-python and TensorStore see the rows too) and writes the
+  attributes (`failed`) when it closes. Readers never depend on the shapes.
+- Progress is recorded by shard, never by process: the next issue's many writers own
+  disjoint shard ranges, commit them the same way and leave metadata to one process;
+  rows are ordered by shard, so gaps between shards are allowed (plain Zarr readers see
+  them as empty keys).
+
+Failures it survives: a writer killed at any moment (before its keys chunk, the shard
+does not exist; after it, it is complete; a rerun refills the partial shard, skips
+committed keys, so no key is ever stored twice); a crash while creating the store
+(no group `zarr.json`: no store; the rerun creates it); two builds of one store (the
+second fails at its first commit); readers at any instant (they see a prefix of whole
+shards). Local writes go through zarr's LocalStore (a temporary file renamed into place)
+and a killed writer's temporary files are deleted by the next writer.
+`--overwrite` deletes the old store first, commit records first (readers see whole shards
+vanish, never half rows), and builds anew: readers open during an overwrite must reopen.
+
+Layout 1 (featstore 0.1: a `num_rows` attribute raised after each shard) still opens
+and reads; `featstore upgrade STORE` turns it into layout 2 in place (only the commit
+records change) so that builds can append to it. HDF5 files are written whole and
+renamed into place (see `featstore.store._hdf5`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from featstore.errors import StoreError
 from featstore.store.base import (
@@ -23,44 +72,80 @@ from featstore.store.base import (
     RowBatch,
     store_format,
 )
+from featstore.store.location import Location, as_location
 from featstore.store.writer import StoreWriter, open_store_writer
 
 __all__ = [
     "LAYOUT_VERSION",
     "FeatureStore",
+    "Location",
     "Row",
     "RowBatch",
     "StoreWriter",
+    "as_location",
+    "engine_order",
     "open_store",
     "open_store_writer",
     "store_format",
+    "upgrade_store",
 ]
 
 
-def open_store(path: str | os.PathLike[str], mode: str = "r", *, engine: str | Sequence[str] = "auto") -> FeatureStore:
+def open_store(
+    where: str | os.PathLike[str] | Location,
+    mode: str = "r",
+    *,
+    engine: str | Sequence[str] = "auto",
+    storage_options: Mapping[str, Any] | None = None,
+) -> FeatureStore:
     """Open a store for reading: its committed rows, as of now.
 
-    `engine` (Zarr; HDF5 picks by itself): "auto" tries "direct" (byte offsets into
-    featstore's own layout), then "tensorstore" (when installed), then "zarr"; name one
-    to insist on it, or give a sequence to try in order.
-    Raises StoreError if there is no store at `path`, CorruptStoreError if its arrays
+    `where`: a path, or a URL such as `s3://bucket/prefix/x.zarr` (`storage_options`:
+    fsspec's options for it; see `featstore.store.location`).
+    `engine` (Zarr; HDF5 picks by itself): "auto" tries "direct" (byte ranges into
+    featstore's own layout, any backend), then "tensorstore" (local, when installed), then
+    "zarr"; name one to insist on it, or give a sequence to try in order.
+    Raises StoreError if there is no store there, CorruptStoreError if its arrays
     and attributes disagree.
     """
     if mode != "r":
         raise StoreError(f"stores open read-only (mode 'r'), not {mode!r}; write with `featstore build --store`")
-    path = Path(path)
-    fmt = store_format(path)
-    if not path.exists():
-        from featstore.store.writer import OLD_SUFFIX, sibling
-
-        hint = ""
-        if sibling(path, OLD_SUFFIX).exists():
-            hint = f" (an interrupted rebuild left {sibling(path, OLD_SUFFIX).name}; run the build again)"
-        raise StoreError(f"no store at {path}{hint}")
+    location = as_location(where, storage_options)
+    fmt = location.format
+    if location.is_local and not os.path.lexists(location.url):
+        raise StoreError(f"no store at {location}")
     if fmt == "zarr":
         from featstore.store._zarr import ZarrFeatureStore
 
-        return ZarrFeatureStore(path, engine=engine)
+        if not location.is_local:
+            _check_remote(location)
+        return ZarrFeatureStore(location, engine=engine)
     from featstore.store._hdf5 import Hdf5FeatureStore
 
-    return Hdf5FeatureStore(path)
+    return Hdf5FeatureStore(location)
+
+
+def _check_remote(location: Location) -> None:
+    from featstore.store._blobs import RemoteBlobs
+
+    blobs = RemoteBlobs(location)
+    if blobs.read("zarr.json") is None:
+        blobs.check_reachable()  # names a missing bucket or refused credentials
+        raise StoreError(f"no store at {location}")
+
+
+def engine_order(engine: str | Sequence[str]) -> tuple[str, ...]:
+    """The read engines an `engine=` argument names, in order (ValueError if unknown)."""
+    from featstore.store._zarr import engine_order as order
+
+    return order(engine)
+
+
+def upgrade_store(where: str | os.PathLike[str] | Location, storage_options: Mapping[str, Any] | None = None) -> int:
+    """Bring a Zarr store to the current layout in place; returns the layout it had."""
+    location = as_location(where, storage_options)
+    if location.format != "zarr":
+        raise StoreError(f"{location}: only Zarr stores have layouts to upgrade")
+    from featstore.store._zarr import upgrade_store as run
+
+    return run(location)[0]

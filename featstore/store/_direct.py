@@ -1,167 +1,41 @@
-"""Direct reads (and shard writes): rows taken from a local store's files by byte offset.
+"""Rows by byte range: featstore's own reader (and chunk encoder) for its Zarr layout, on
+any backend (`featstore.store._blobs`), and for contiguous HDF5 datasets.
 
 featstore stores features uncompressed, so each row is a run of bytes at a place that
 is known without decoding anything:
 - Zarr: `features` is sharded with one row per inner chunk and only the `bytes` codec
   inside; a shard's index (at its end, crc32c-checked) gives each row's offset. The
-  index is read once per open shard and kept with the shard's file descriptor, so both
-  always describe the same file even if a writer replaces the shard meanwhile.
+  index is read once per open shard and kept (for local files, with the descriptor it
+  was read from, so both describe the same file even if a writer replaces the shard).
 - HDF5: `features` and `masks` are contiguous datasets, so row i sits at
   `base + i * row_bytes`.
-Zarr `masks` (chunks of many rows, zstd) are decoded a chunk at a time and kept.
+A read is one request per run of rows adjacent in the shard (a `preadv` locally, a
+ranged GET remotely, all of a batch's runs issued together). The small arrays (masks,
+keys, sources, sizes, embeddings) are chunked a shard's rows at a time and decoded a
+chunk at a time (`bytes` or `vlen-utf8`, then optionally `zstd`), kept in a small cache.
+No library state is involved, so forked DataLoader workers read with it too.
 
-A read is one `preadv` per run of rows adjacent on disk, straight into the output
-array: no decoder, no copies, no library state, so forked DataLoader workers read with
-it too. A batch of rows first tells the kernel about all of them
-(`posix_fadvise(WILLNEED)`) so that cold rows are fetched from the disk concurrently.
-
-Writes go the same way round (`ShardFile`): a shard's rows stream into a file as they
-come and the index follows; zarr-python encodes a shard chunk by chunk, which capped a
-store build at ~650 rows/s of (1024, 16, 16) float16 (ViT-L/14 at 224) on the 2-core
-machine, against ~3,100 this way (`benchmarks/store_write.py`, tmpfs).
-
-Measured against the other engines by `benchmarks/run.py` (read section) and
-`benchmarks/random_access.py`. Layouts this does not cover (compressed features,
-stores written by other tools, remote paths) are read by TensorStore, zarr-python or
-h5py: `zarr_rows` / `hdf5_rows` return None for them.
+Layouts this does not cover (compressed features, stores written by other tools) are
+read by TensorStore or zarr-python: `zarr_rows` returns None for them.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import uuid
 from collections import OrderedDict
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from featstore.errors import CorruptStoreError
+from featstore.store._blobs import Blobs, pread_runs
 
-OPEN_SHARDS = 64  # file descriptors kept open per array
-MASK_CHUNKS = 256  # decoded mask chunks kept per store
+OPEN_SHARDS = 256  # shard indexes kept per array
+CACHED_CHUNKS = 256  # decoded chunks kept per array
 EMPTY = np.uint64(2**64 - 1)  # a shard index entry of a chunk that was never written
-_WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", None)
-PARTIAL = ".partial"  # suffix of shard files being written (zarr-python's LocalStore uses it too)
 
 
-def _read_runs(fd: int, out: np.ndarray, at: np.ndarray, offsets: np.ndarray, row_bytes: int, name: str) -> None:
-    """out[at[k]] = the `row_bytes` bytes at offsets[k] of `fd`; offsets ascending.
-
-    One `preadv` per run of rows that follow each other both on disk and in `out`.
-    """
-    if len(at) == 0:
-        return
-    joins = (np.diff(offsets) == row_bytes) & (np.diff(at) == 1)
-    breaks = (np.flatnonzero(~joins) + 1).tolist()
-    runs = list(zip([0, *breaks], [*breaks, len(at)], strict=True))
-    if _WILLNEED is not None and len(runs) > 1:
-        for a, b in runs:
-            os.posix_fadvise(fd, int(offsets[a]), (b - a) * row_bytes, _WILLNEED)
-    flat = out.reshape(len(out), -1).view(np.uint8)
-    for a, b in runs:
-        first = int(at[a])
-        want = (b - a) * row_bytes
-        got = _pread_into(fd, flat[first : first + b - a], int(offsets[a]))
-        if got != want:
-            raise CorruptStoreError(f"{name}: {want} bytes expected at offset {int(offsets[a])}, the file has {got}")
-
-
-def _pread_into(fd: int, out: np.ndarray, offset: int) -> int:
-    """Read len(out) bytes at `offset` into `out`; the number read."""
-    if hasattr(os, "preadv"):  # straight into the array
-        return os.preadv(fd, [out], offset)
-    data = os.pread(fd, out.nbytes, offset)  # platforms without preadv: read, then copy
-    out.reshape(-1)[: len(data)] = np.frombuffer(data, dtype=np.uint8)
-    return len(data)
-
-
-class _FdCache:
-    """Open files by path, the least recently used closed beyond `limit`; values carry extra data."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._open: OrderedDict[str, tuple[int, Any]] = OrderedDict()
-        self._pid = os.getpid()
-
-    def get(self, path: str, load: Callable[[int], Any]) -> tuple[int, Any]:
-        if self._pid != os.getpid():  # a forked child: its copies of the parent's descriptors, closed here
-            self.close()
-            self._pid = os.getpid()
-        hit = self._open.get(path)
-        if hit is not None:
-            self._open.move_to_end(path)
-            return hit
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        try:
-            entry = (fd, load(fd))
-        except BaseException:
-            os.close(fd)
-            raise
-        self._open[path] = entry
-        while len(self._open) > self.limit:
-            _, (old, _) = self._open.popitem(last=False)
-            os.close(old)
-        return entry
-
-    def close(self) -> None:
-        for fd, _ in self._open.values():
-            os.close(fd)  # in a forked child, only the child's copy: the parent's stays open
-        self._open.clear()
-
-
-class ShardFile:
-    """One shard being written: rows stream into a temporary file as they come, and
-    `finish` adds the index and renames it into place.
-
-    The bytes zarr-python writes for the same rows (data in row order, then the index
-    and its crc32c), but without per-chunk encoding and without a copy into a buffer:
-    ~3-7x zarr-python's speed (`benchmarks/store_write.py`). Renamed into place like
-    zarr's LocalStore does, so readers see the old shard or the new one, whole. A killed
-    writer leaves `*.partial` files, which `remove_partials` deletes under the lock.
-    """
-
-    def __init__(self, spec: ShardedRows, shard: int) -> None:
-        self.spec = spec
-        self.path = spec.shard_path(shard)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex}{PARTIAL}")
-        self.rows = 0
-        self._f = open(self.tmp, "wb")  # noqa: SIM115 - closed by finish/abort
-        if not spec.index_at_end:
-            self._f.write(bytes(spec.index_bytes))  # filled in by finish
-
-    def add(self, rows: np.ndarray) -> None:
-        if rows.shape[1:] != self.spec.row_shape or self.rows + len(rows) > self.spec.shard_rows:
-            raise ValueError(f"a shard holds up to {self.spec.shard_rows} rows of {self.spec.row_shape}")
-        self._f.write(np.ascontiguousarray(rows, dtype=self.spec.dtype).reshape(-1).view(np.uint8).data)
-        self.rows += len(rows)
-
-    def finish(self) -> None:
-        index = self.spec.index_bytes_for(self.rows)
-        if not self.spec.index_at_end:
-            self._f.seek(0)
-        self._f.write(index)
-        self._f.close()
-        os.replace(self.tmp, self.path)
-
-    def abort(self) -> None:
-        self._f.close()
-        self.tmp.unlink(missing_ok=True)
-
-
-def remove_partials(folder: Path) -> None:
-    """Delete the temporary files of shard writes that never finished (call holding the store's lock)."""
-    if folder.is_dir():
-        for p in folder.iterdir():
-            if p.name.endswith(PARTIAL):
-                p.unlink(missing_ok=True)
-
-
-def _chunk_key(meta: dict[str, Any], coords: tuple[int, ...]) -> str | None:
+def chunk_key(meta: dict[str, Any], coords: tuple[int, ...]) -> str | None:
     enc = meta.get("chunk_key_encoding") or {}
     sep = (enc.get("configuration") or {}).get("separator")
     if enc.get("name") == "default":
@@ -178,87 +52,91 @@ def _little_endian_bytes(codec: Any) -> bool:
     return (codec.get("configuration") or {}).get("endian", "little") in ("little", None)
 
 
-def _metadata(array_dir: Path) -> dict[str, Any] | None:
-    try:
-        meta = json.loads((array_dir / "zarr.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) else None
-
-
 class ShardedRows:
-    """Rows of a local Zarr array sharded along rows, one raw row per inner chunk."""
+    """Rows of a Zarr array sharded along rows, one raw row per inner chunk."""
 
-    def __init__(self, array_dir: Path, meta: dict[str, Any], shard_rows: int, row_shape: tuple[int, ...]) -> None:
-        self.dir = array_dir
+    def __init__(self, blobs: Blobs, array: str, meta: dict[str, Any], row_shape: tuple[int, ...]) -> None:
+        self.blobs = blobs
+        self.array = array
         self.meta = meta
-        self.shard_rows = shard_rows
+        self.shard_rows = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
         self.row_shape = row_shape
         self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
         self.row_bytes = int(np.prod(row_shape)) * self.dtype.itemsize
         conf = meta["codecs"][0]["configuration"]
         self.index_at_end = conf.get("index_location", "end") == "end"
         self.checksum = len(conf["index_codecs"]) == 2
-        self.index_bytes = shard_rows * 16 + (4 if self.checksum else 0)
+        self.index_bytes = self.shard_rows * 16 + (4 if self.checksum else 0)
         self.fill = meta.get("fill_value", 0)
-        self._shards = _FdCache(OPEN_SHARDS)
         self._key_tail = (0,) * len(row_shape)
+        self._indexes: OrderedDict[int, np.ndarray | None] = OrderedDict()
 
-    def _load_index(self, fd: int, path: str) -> np.ndarray | None:
-        size = os.fstat(fd).st_size
-        if size < self.index_bytes:
-            raise CorruptStoreError(f"{path}: {size} bytes, shorter than its shard index ({self.index_bytes})")
-        raw = os.pread(fd, self.index_bytes, size - self.index_bytes if self.index_at_end else 0)
+    def key(self, shard: int) -> str:
+        return f"{self.array}/{chunk_key(self.meta, (shard, *self._key_tail))}"
+
+    def _index(self, shard: int) -> np.ndarray | None:
+        """The shard's (rows, 2) index of (offset, length), or None if the shard was never written."""
+        if shard in self._indexes:
+            self._indexes.move_to_end(shard)
+            return self._indexes[shard]
+        key = self.key(shard)
+        try:
+            if self.index_at_end:
+                raw, size = self.blobs.read_tail(key, self.index_bytes)
+            else:
+                raw = self.blobs.read(key) or b""
+                size = len(raw)
+                raw = raw[: self.index_bytes]
+        except FileNotFoundError:
+            index = None
+        else:
+            index = self._decode_index(raw, size, f"{self.blobs.location}/{key}")
+        self._indexes[shard] = index
+        while len(self._indexes) > OPEN_SHARDS:
+            self._indexes.popitem(last=False)
+        return index
+
+    def _decode_index(self, raw: bytes, size: int, name: str) -> np.ndarray:
+        if len(raw) < self.index_bytes:
+            raise CorruptStoreError(f"{name}: {size} bytes, shorter than its shard index ({self.index_bytes})")
         body = raw[: self.shard_rows * 16]
         if self.checksum:
             import google_crc32c  # a dependency of zarr
 
             if google_crc32c.value(body) != int.from_bytes(raw[-4:], "little"):
-                raise CorruptStoreError(f"{path}: shard index checksum mismatch (damaged shard)")
+                raise CorruptStoreError(f"{name}: shard index checksum mismatch (damaged shard)")
         index = np.frombuffer(body, dtype="<u8").reshape(self.shard_rows, 2)
         written = index[:, 0] != EMPTY
         bad = written & ((index[:, 1] != self.row_bytes) | (index[:, 0] + index[:, 1] > size))
         if bad.any():
-            raise CorruptStoreError(f"{path}: shard index points outside the file or at rows of the wrong size")
+            raise CorruptStoreError(f"{name}: shard index points outside the file or at rows of the wrong size")
         return index
 
-    def shard_path(self, shard: int) -> Path:
-        return self.dir / _chunk_key(self.meta, (shard, *self._key_tail))  # type: ignore[operator]
-
-    def index_bytes_for(self, rows: int) -> bytes:
-        """The encoded shard index (+ crc32c) of a shard whose first `rows` rows are written in order."""
-        first = 0 if self.index_at_end else self.index_bytes
+    def index_for(self, count: int) -> bytes:
+        """The index (+ crc32c) of a shard whose first `count` rows are written in order (index at the end)."""
         index = np.full((self.shard_rows, 2), EMPTY, dtype="<u8")
-        index[:rows, 0] = first + np.arange(rows, dtype=np.uint64) * np.uint64(self.row_bytes)
-        index[:rows, 1] = self.row_bytes
+        index[:count, 0] = np.arange(count, dtype=np.uint64) * np.uint64(self.row_bytes)
+        index[:count, 1] = self.row_bytes
         body = index.tobytes()
         if self.checksum:
-            import google_crc32c  # a dependency of zarr
+            import google_crc32c
 
             body += google_crc32c.value(body).to_bytes(4, "little")
         return body
 
-    def write_shard(self, shard: int, rows: np.ndarray) -> None:
-        """Replace shard `shard` with these rows (its first len(rows) rows; the rest unwritten)."""
-        out = ShardFile(self, shard)
-        try:
-            out.add(rows)
-            out.finish()
-        except BaseException:
-            out.abort()
-            raise
+    def forget(self, shard: int) -> None:
+        self._indexes.pop(shard, None)
 
     def read(self, indices: np.ndarray, out: np.ndarray) -> None:
-        """out[k] = row indices[k]; `indices` sorted ascending."""
+        """out[k] = row indices[k] (physical rows, sorted ascending)."""
         shard_of = indices // self.shard_rows
         bounds = np.flatnonzero(np.diff(shard_of)) + 1
         for part in np.split(np.arange(len(indices)), bounds):
             if len(part) == 0:
                 continue
-            path = str(self.shard_path(int(shard_of[part[0]])))
-            try:
-                fd, index = self._shards.get(path, lambda fd, p=path: self._load_index(fd, p))
-            except FileNotFoundError:  # a shard of only fill values is not written
+            shard = int(shard_of[part[0]])
+            index = self._index(shard)
+            if index is None:  # a shard of only fill values is not written
                 out[part] = self.fill
                 continue
             offsets = index[indices[part] % self.shard_rows, 0]
@@ -268,81 +146,118 @@ class ShardedRows:
                 part, offsets = part[~empty], offsets[~empty]
             offsets = offsets.astype(np.int64)
             order = np.argsort(offsets, kind="stable")
-            _read_runs(fd, out, part[order], offsets[order], self.row_bytes, path)
+            try:
+                self.blobs.read_into(self.key(shard), out, part[order], offsets[order], self.row_bytes)
+            except FileNotFoundError:
+                raise CorruptStoreError(f"{self.blobs.location}: shard {self.key(shard)} vanished") from None
 
     def close(self) -> None:
-        self._shards.close()
+        self._indexes.clear()
 
 
 class ChunkedRows:
-    """Rows of a local Zarr array chunked along rows (bytes, then optionally zstd); decoded chunks kept."""
+    """Rows of a Zarr array chunked along rows (`bytes` or `vlen-utf8`, then optionally zstd)."""
 
-    def __init__(self, array_dir: Path, meta: dict[str, Any], chunk_rows: int, row_shape: tuple[int, ...]) -> None:
-        self.dir = array_dir
+    def __init__(self, blobs: Blobs, array: str, meta: dict[str, Any], row_shape: tuple[int, ...]) -> None:
+        self.blobs = blobs
+        self.array = array
         self.meta = meta
-        self.chunk_rows = chunk_rows
+        self.chunk_rows = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
         self.row_shape = row_shape
-        self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
-        self.compressed = len(meta["codecs"]) == 2
-        self.fill = meta.get("fill_value", 0)
+        codecs = meta["codecs"]
+        self.strings = codecs[0]["name"] == "vlen-utf8"
+        self.dtype = np.dtype(object) if self.strings else np.dtype(meta["data_type"]).newbyteorder("<")
+        self.zstd_level = (codecs[1].get("configuration") or {}).get("level", 0) if len(codecs) == 2 else None
+        self.fill = "" if self.strings else meta.get("fill_value", 0)
         self._chunks: OrderedDict[int, np.ndarray] = OrderedDict()
         self._key_tail = (0,) * len(row_shape)
 
-    def _chunk(self, k: int) -> np.ndarray:
-        hit = self._chunks.get(k)
-        if hit is not None:
-            self._chunks.move_to_end(k)
-            return hit
-        path = self.dir / _chunk_key(self.meta, (k, *self._key_tail))  # type: ignore[operator]
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            chunk = np.full((self.chunk_rows, *self.row_shape), self.fill, dtype=self.dtype)
-        else:
-            if self.compressed:
-                from numcodecs import Zstd
+    def key(self, chunk: int) -> str:
+        return f"{self.array}/{chunk_key(self.meta, (chunk, *self._key_tail))}"
 
-                data = Zstd().decode(data)
+    def decode(self, data: bytes | None, name: str) -> np.ndarray:
+        if data is None:
+            return np.full((self.chunk_rows, *self.row_shape), self.fill, dtype=self.dtype)
+        if self.zstd_level is not None:
+            from numcodecs import Zstd
+
+            data = Zstd().decode(data)
+        if self.strings:
+            from numcodecs import VLenUTF8
+
+            chunk = VLenUTF8().decode(data)
+        else:
             chunk = np.frombuffer(data, dtype=self.dtype)
-            if chunk.size != self.chunk_rows * int(np.prod(self.row_shape)):
-                raise CorruptStoreError(f"{path}: {chunk.size} values, a chunk holds {self.chunk_rows} rows")
-            chunk = chunk.reshape(self.chunk_rows, *self.row_shape)
-        self._chunks[k] = chunk
-        while len(self._chunks) > MASK_CHUNKS:
+        if chunk.size != self.chunk_rows * int(np.prod(self.row_shape)):
+            raise CorruptStoreError(f"{name}: {chunk.size} values, a chunk holds {self.chunk_rows} rows")
+        return chunk.reshape(self.chunk_rows, *self.row_shape)
+
+    def encode(self, values: np.ndarray | list[str]) -> bytes:
+        """One whole chunk: `values` (up to chunk_rows rows), padded with the fill value."""
+        k = len(values)
+        full = np.full((self.chunk_rows, *self.row_shape), self.fill, dtype=self.dtype)
+        if k:
+            full[:k] = np.asarray(values, dtype=self.dtype) if not self.strings else np.array(values, dtype=object)
+        if self.strings:
+            from numcodecs import VLenUTF8
+
+            data = bytes(VLenUTF8().encode(full))
+        else:
+            data = full.tobytes()
+        if self.zstd_level is not None:
+            from numcodecs import Zstd
+
+            data = bytes(Zstd(level=self.zstd_level).encode(data))
+        return data
+
+    def chunks(self, ids: list[int]) -> list[np.ndarray]:
+        """Decoded chunks (missing ones first fetched together)."""
+        missing = [k for k in ids if k not in self._chunks]
+        if missing:
+            for k, data in zip(missing, self.blobs.read_many([self.key(k) for k in missing]), strict=True):
+                self._chunks[k] = self.decode(data, self.key(k))
+        out = []
+        for k in ids:
+            self._chunks.move_to_end(k)
+            out.append(self._chunks[k])
+        while len(self._chunks) > max(CACHED_CHUNKS, len(ids)):
             self._chunks.popitem(last=False)
-        return chunk
+        return out
 
     def read(self, indices: np.ndarray, out: np.ndarray) -> None:
         chunk_of = indices // self.chunk_rows
-        for k in np.unique(chunk_of).tolist():
+        ids = np.unique(chunk_of).tolist()
+        for k, chunk in zip(ids, self.chunks(ids), strict=True):
             sel = np.flatnonzero(chunk_of == k)
-            out[sel] = self._chunk(k)[indices[sel] % self.chunk_rows]
+            out[sel] = chunk[indices[sel] % self.chunk_rows]
 
     def close(self) -> None:
         self._chunks.clear()
 
 
-def zarr_rows(array_dir: Path, row_shape: tuple[int, ...], *, chunked: bool = True) -> ShardedRows | ChunkedRows | None:
+def zarr_rows(
+    blobs: Blobs, array: str, meta: dict[str, Any] | None, row_shape: tuple[int, ...], *, chunked: bool = True
+) -> ShardedRows | ChunkedRows | None:
     """A direct reader for this Zarr array, or None if its layout needs a real Zarr library.
 
     Sharded arrays qualify with shards of whole rows, inner chunks of one row and only a
     little-endian `bytes` codec inside (index: `bytes` + optional crc32c); with `chunked`,
-    unsharded ones too, with chunks of whole rows and `bytes` (+ optional zstd), read and
-    kept a chunk at a time (right for small rows such as masks, not for features).
+    unsharded ones too, with chunks of whole rows and `bytes` or `vlen-utf8` (+ optional zstd),
+    read a chunk at a time (right for small rows such as masks, not for features).
     """
-    meta = _metadata(array_dir)
     if meta is None or meta.get("zarr_format") != 3 or meta.get("storage_transformers"):
         return None
     try:
-        np.dtype(meta["data_type"])
+        if meta["data_type"] != "string":
+            np.dtype(meta["data_type"])
         chunk = list(meta["chunk_grid"]["configuration"]["chunk_shape"])
         codecs = meta["codecs"]
     except (KeyError, TypeError, ValueError):
         return None
-    if chunk[1:] != list(row_shape) or _chunk_key(meta, (0,)) is None:
+    if chunk[1:] != list(row_shape) or chunk_key(meta, (0,)) is None or not codecs:
         return None
-    first = codecs[0] if codecs else {}
-    if isinstance(first, dict) and first.get("name") == "sharding_indexed" and len(codecs) == 1:
+    first = codecs[0] if isinstance(codecs[0], dict) else {}
+    if first.get("name") == "sharding_indexed" and len(codecs) == 1:
         conf = first.get("configuration") or {}
         inner, index_codecs = conf.get("codecs", []), conf.get("index_codecs", [])
         if (
@@ -355,12 +270,15 @@ def zarr_rows(array_dir: Path, row_shape: tuple[int, ...], *, chunked: bool = Tr
             or conf.get("index_location", "end") not in ("start", "end")
         ):
             return None
-        return ShardedRows(array_dir, meta, int(chunk[0]), row_shape)
-    if chunked and 1 <= len(codecs) <= 2 and _little_endian_bytes(codecs[0]):
-        if len(codecs) == 2 and not (isinstance(codecs[1], dict) and codecs[1].get("name") == "zstd"):
-            return None
-        return ChunkedRows(array_dir, meta, int(chunk[0]), row_shape)
-    return None
+        return ShardedRows(blobs, array, meta, row_shape)
+    if not chunked or len(codecs) > 2:
+        return None
+    strings = first.get("name") == "vlen-utf8" and meta["data_type"] == "string"
+    if not (strings or _little_endian_bytes(first)):
+        return None
+    if len(codecs) == 2 and not (isinstance(codecs[1], dict) and codecs[1].get("name") == "zstd"):
+        return None
+    return ChunkedRows(blobs, array, meta, row_shape)
 
 
 class ContiguousRows:
@@ -375,7 +293,7 @@ class ContiguousRows:
 
     def read(self, indices: np.ndarray, out: np.ndarray) -> None:
         offsets = self.base + indices.astype(np.int64) * self.row_bytes
-        _read_runs(self.fd, out, np.arange(len(indices)), offsets, self.row_bytes, self.name)
+        pread_runs(self.fd, out, np.arange(len(indices)), offsets, self.row_bytes, self.name)
 
     def close(self) -> None:
         pass

@@ -6,7 +6,8 @@ in a test that SIGKILLed an h5py writer doing resize / write / attrs / `flush()`
 1-2 of 40 killed files could not be read back ("addr overflow") and about 20 of 80
 reruns failed while appending ("bad heap index"). So a build stages its rows in a
 Zarr store beside the file and `write_hdf5` writes the complete file under a temporary
-name, which is then renamed over the old one (see `featstore.store.writer`).
+name, which is then renamed over the old one (`Hdf5Writer`). HDF5 stays on local disk:
+it needs a file system that renames.
 
 Layout: `features` and `masks` are contiguous and uncompressed, so row i is at a fixed
 byte offset and the reader takes it with one `pread` (`featstore.store._direct`;
@@ -32,6 +33,7 @@ from featstore.errors import CorruptStoreError
 from featstore.store._direct import hdf5_rows
 from featstore.store.base import (
     ARRAYS,
+    EMBEDDING,
     FEATURES,
     KEYS,
     MASKS,
@@ -41,6 +43,7 @@ from featstore.store.base import (
     check_arrays,
     step_rows,
 )
+from featstore.store.location import Location
 
 STRING_ARRAYS = (KEYS, SOURCES)
 
@@ -72,9 +75,10 @@ class Hdf5FeatureStore(FeatureStore):
 
     format = "hdf5"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, location: Location) -> None:
         import h5py
 
+        path = location.path
         try:
             self._file = h5py.File(path, "r", locking=False)
         except OSError as e:
@@ -85,7 +89,10 @@ class Hdf5FeatureStore(FeatureStore):
             self._file.close()
             raise CorruptStoreError(f"{path}: attributes are not featstore's JSON ({e})") from None
         try:
-            super().__init__(path, attrs)
+            n = attrs.get("num_rows")
+            super().__init__(location, attrs, n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else -1)
+            if self._n < 0:
+                raise CorruptStoreError(f"{path}: num_rows {n!r} is not a non-negative integer")
             self._ds = {n: self._file[n] for n in ARRAYS if isinstance(self._file.get(n), h5py.Dataset)}
             found = {n: (tuple(d.shape), _dtype_name(d)) for n, d in self._ds.items()}
             check_arrays(path, self._info, self._n, found)
@@ -110,20 +117,22 @@ class Hdf5FeatureStore(FeatureStore):
     def engine(self) -> str:
         return "direct" if self._direct is not None else "h5py"
 
-    def _read_rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _read_rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        emb = self._read(EMBEDDING, indices) if self._info.embedding_dim else None
         if self._direct is None:
-            return self._read(FEATURES, indices), self._read(MASKS, indices)
-        c, g = self._info.hidden_dim, self._info.grid
-        feats = np.empty((len(indices), c, g, g), dtype=self._info.dtype)
+            return self._read(FEATURES, indices), self._read(MASKS, indices), emb
+        g = self._info.grid
+        feats = np.empty((len(indices), *self._info.feature_shape()), dtype=self._info.dtype)
         masks = np.empty((len(indices), g, g), dtype=np.uint8)
         self._direct[0].read(indices, feats)  # type: ignore[union-attr]
         self._direct[1].read(indices, masks)  # type: ignore[union-attr]
-        return feats, masks
+        return feats, masks, emb
 
-    def _read_range(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    def _read_range(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         if self._direct is not None:
             return self._read_rows(np.arange(start, stop, dtype=np.int64))
-        return self._ds[FEATURES][start:stop], self._ds[MASKS][start:stop]
+        emb = self._ds[EMBEDDING][start:stop] if self._info.embedding_dim else None
+        return self._ds[FEATURES][start:stop], self._ds[MASKS][start:stop], emb
 
     def _read_column(self, name: str) -> Any:
         ds = self._ds[name]
@@ -159,17 +168,19 @@ def write_hdf5(
     """
     import h5py
 
-    c, g = info.hidden_dim, info.grid
+    g = info.grid
     text = h5py.string_dtype("utf-8")
     n = 0
     with h5py.File(path, "w-") as f:
         ds = {
-            FEATURES: f.create_dataset(FEATURES, shape=(rows, c, g, g), dtype=info.dtype),
+            FEATURES: f.create_dataset(FEATURES, shape=(rows, *info.feature_shape()), dtype=info.dtype),
             MASKS: f.create_dataset(MASKS, shape=(rows, g, g), dtype="uint8"),
             KEYS: f.create_dataset(KEYS, shape=(rows,), dtype=text),
             SOURCES: f.create_dataset(SOURCES, shape=(rows,), dtype=text),
             ORIG_SIZE: f.create_dataset(ORIG_SIZE, shape=(rows, 2), dtype="int32"),
         }
+        if info.embedding_dim:
+            ds[EMBEDDING] = f.create_dataset(EMBEDDING, shape=(rows, info.embedding_dim), dtype="float32")
         for batch in batches:
             k = len(batch)
             if k == 0:
@@ -182,9 +193,152 @@ def write_hdf5(
             ds[ORIG_SIZE][rows_] = batch.orig_size_hw
             ds[KEYS][rows_] = np.array([it.key for it in batch.items], dtype=object)
             ds[SOURCES][rows_] = np.array([it.path for it in batch.items], dtype=object)
+            if info.embedding_dim:
+                if batch.embedding is None:
+                    raise ValueError("write_hdf5: the store has embeddings, a batch has none")
+                ds[EMBEDDING][rows_] = batch.embedding
             n += k
         if n != rows:
             raise ValueError(f"write_hdf5: the batches held {n} rows, {rows} were announced")
         for name, value in {**attrs, "num_rows": n}.items():
             f.attrs[name] = json.dumps(value)  # ASCII: safe for any key in "failed"
     return n
+
+
+class StoreLock:
+    """An exclusive `flock` on `.NAME.featstore-lock` beside an HDF5 store, holding our pid.
+
+    HDF5 files are local and rewritten whole by rename (see the module docstring), so two
+    writers would lose each other's rows: the lock refuses the second one at once.
+    """
+
+    def __init__(self, store: Path) -> None:
+        self.store = store
+        self.path = store.with_name(f".{store.name}.featstore-lock")
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+        import os
+
+        from featstore.errors import StoreLockedError
+
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise StoreLockedError(
+                    f"{self.store} is being written by another featstore build (pid {pid})"
+                ) from None
+            try:  # the holder before us may have deleted the file on release: lock the current one
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        import os
+
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while still holding it; see acquire
+            os.close(self.fd)
+            self.fd = None
+
+
+TMP_SUFFIX = ".featstore-tmp"
+STAGE_SUFFIX = ".featstore-stage.zarr"
+
+
+class Hdf5Sink:
+    """The HDF5 backend's side of `StoreWriter`: rows staged in a Zarr store beside the file
+    (`PATH.featstore-stage.zarr`, resumed by a rerun after a crash); `finish` writes the old
+    rows plus the staged ones into `PATH.featstore-tmp`, renames it over PATH and deletes
+    the stage. So every run that adds rows rewrites the whole file: grow big stores in Zarr.
+    """
+
+    def __init__(
+        self, location: Location, info: EncodingInfo, *, version: str, overwrite: bool, shard_rows: int
+    ) -> None:
+        from featstore.errors import StoreError as _StoreError
+        from featstore.store._blobs import LocalBlobs
+        from featstore.store._zarr import ZarrSink, delete_store
+        from featstore.store.base import check_compatible
+
+        self.path = location.path
+        self.lock = StoreLock(self.path)
+        self.lock.acquire()
+        self.base: Hdf5FeatureStore | None = None
+        try:
+            Path(str(self.path) + TMP_SUFFIX).unlink(missing_ok=True)
+            stage = location.sibling(STAGE_SUFFIX)
+            if overwrite and stage.exists():
+                delete_store(LocalBlobs(stage))
+            if self.path.exists() and not overwrite:
+                self.base = Hdf5FeatureStore(location)
+                check_compatible(self.path, self.base.info, info)
+            try:
+                self.stage = ZarrSink(stage, info, version=version, overwrite=False, shard_rows=shard_rows)
+            except CorruptStoreError:  # a crash while creating it: it held no rows
+                delete_store(LocalBlobs(stage))
+                self.stage = ZarrSink(stage, info, version=version, overwrite=False, shard_rows=shard_rows)
+            except _StoreError:
+                raise
+            self.old_failures = self.base.failed if self.base is not None else []
+            self.present = self.stage.present | (set(self.base.keys()) if self.base is not None else set())
+        except BaseException:
+            self.abort()
+            raise
+
+    def append(self, *args: Any) -> None:
+        self.stage.append(*args)
+
+    def finish(self, failed: list[dict[str, str]]) -> None:
+        import os
+        from itertools import chain
+
+        from featstore.store._blobs import LocalBlobs
+        from featstore.store._zarr import ZarrFeatureStore, delete_store
+        from featstore.store.base import encoded_batches, info_from_attrs
+
+        try:
+            stage = self.stage
+            stage.commit({})
+            stage.close()
+            base = self.base
+            old_failed = base.attrs["failed"] if base is not None else None
+            if base is None or stage.committed > 0 or failed != old_failed:
+                attrs = base.attrs if base is not None else dict(stage.attrs)
+                attrs["failed"] = failed
+                tmp = Path(str(self.path) + TMP_SUFFIX)
+                tmp.unlink(missing_ok=True)
+                with ZarrFeatureStore(stage.location) as staged:
+                    info = info_from_attrs(attrs, self.path)
+                    base_keys = frozenset(base.keys()) if base is not None else frozenset()
+                    # A crash after the rename below but before the stage is deleted leaves
+                    # staged rows that are already in the file: skip them.
+                    rows = chain(
+                        encoded_batches(base) if base is not None else (),
+                        encoded_batches(staged, skip_keys=base_keys),
+                    )
+                    count = len(base_keys) + sum(k not in base_keys for k in staged.keys())  # noqa: SIM118
+                    write_hdf5(tmp, attrs, info, rows, count)
+                os.replace(tmp, self.path)
+            delete_store(LocalBlobs(stage.location))
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        if self.base is not None:
+            self.base.close()
+            self.base = None
+        if hasattr(self, "stage"):
+            self.stage.close()
+        self.lock.release()

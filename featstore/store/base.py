@@ -1,48 +1,51 @@
-"""The on-disk layout every featstore store follows, and the `FeatureStore` reader interface.
+"""The layout every featstore store follows, and the `FeatureStore` reader interface.
 
-A store is a Zarr v3 group (`*.zarr`) or an HDF5 file (`*.h5`, `*.hdf5`) holding the
-same arrays, all with one row per image, in the order the rows were written:
+A store is a Zarr v3 group (`*.zarr`, local or on object storage) or an HDF5 file
+(`*.h5`, `*.hdf5`, local) holding these arrays, one row per image:
 
-    features      (N, C, g, g)  float16 | float32   the patch-feature map
+    features      (N, *feature_shape)  float16 | float32  the patch-feature map(s): (C, g, g) or (L, C, g, g)
     masks         (N, g, g)     uint8               1 where the patch is foreground
     keys          (N,)          str                 image path relative to the input root
     sources       (N,)          str                 image path as written into "source"
     orig_size_hw  (N, 2)        int32               the image's size before resizing
+    embedding     (N, E)        float32             optional: the pooled embedding (E = embedding_dim)
 
-and attributes: `featstore_version`, `layout_version`, `created`, `num_rows`, `failed`
-(a list of {key, reason}) and everything from `EncodingInfo.to_attrs()`.
-
-Only the first `num_rows` rows exist: a writer grows the arrays, writes rows, and
-then commits by raising `num_rows`, so after a crash the arrays may hold more.
+and attributes: `featstore_version`, `layout_version`, `created`, `failed` (a list of
+{key, reason}), `shard_rows`, `embedding_dim` and everything from `EncodingInfo.to_attrs()`.
+Which rows exist (are committed) is the backend's business: see `featstore.store`.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import operator
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 
 from featstore.batches import EncodedBatch, EncodingInfo, Failure, ImageItem
 from featstore.errors import CorruptStoreError, IncompatibleStoreError, StoreError
+from featstore.store.location import Format, Location, as_location
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 1: featstore 0.1 (a num_rows attribute); 2: shards commit themselves
 
 FEATURES = "features"
 MASKS = "masks"
 KEYS = "keys"
 SOURCES = "sources"
 ORIG_SIZE = "orig_size_hw"
-ARRAYS = (FEATURES, MASKS, KEYS, SOURCES, ORIG_SIZE)
+EMBEDDING = "embedding"
+ARRAYS = (FEATURES, MASKS, KEYS, SOURCES, ORIG_SIZE, EMBEDDING)
 
-STORE_ATTRS = ("featstore_version", "layout_version", "created", "num_rows", "failed")
+STORE_ATTRS = ("featstore_version", "layout_version", "created", "failed")
 INFO_ATTRS = ("model", "model_source", "family", "feature_type", "size", "grid", "hidden_dim", "dtype")
 FEATURE_DTYPES = ("float16", "float32")
 
@@ -50,24 +53,15 @@ FEATURE_DTYPES = ("float16", "float32")
 STEP_BYTES = 64 * 2**20
 MIN_STEP_ROWS, MAX_STEP_ROWS = 8, 1024
 
-Format = Literal["zarr", "hdf5"]
-ZARR_SUFFIXES = (".zarr",)
-HDF5_SUFFIXES = (".h5", ".hdf5")
 
-
-def store_format(path: str | Path) -> Format:
-    """The format a store path names, by its suffix."""
-    suffix = Path(path).suffix.lower()
-    if suffix in ZARR_SUFFIXES:
-        return "zarr"
-    if suffix in HDF5_SUFFIXES:
-        return "hdf5"
-    raise StoreError(f"{path}: a store path must end in .zarr (Zarr v3) or .h5/.hdf5 (HDF5)")
+def store_format(where: str | os.PathLike[str] | Location) -> Format:
+    """The format a store location names, by its suffix."""
+    return as_location(where).format
 
 
 def step_rows(info: EncodingInfo) -> int:
     """The largest power of two number of rows within 64 MiB of features (8 to 1024 rows)."""
-    row_bytes = info.hidden_dim * info.grid * info.grid * np.dtype(info.dtype).itemsize
+    row_bytes = int(np.prod(info.feature_shape())) * np.dtype(info.dtype).itemsize
     rows = 2 ** int(math.log2(max(1.0, STEP_BYTES / row_bytes)))
     return max(MIN_STEP_ROWS, min(MAX_STEP_ROWS, rows))
 
@@ -78,10 +72,11 @@ class Row:
 
     key: str
     index: int
-    features: np.ndarray  # (C, g, g)
+    features: np.ndarray  # (C, g, g), or (L, C, g, g) with several layers
     mask: np.ndarray  # (g, g) uint8
     orig_size_hw: tuple[int, int]
     source: str
+    embedding: np.ndarray | None = None  # (E,), when the store has embeddings
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,34 +85,39 @@ class RowBatch:
 
     keys: list[str]
     indices: np.ndarray  # (B,) int64
-    features: np.ndarray  # (B, C, g, g)
+    features: np.ndarray  # (B, *feature_shape)
     masks: np.ndarray  # (B, g, g) uint8
     orig_size_hw: np.ndarray  # (B, 2) int32
+    embedding: np.ndarray | None = None  # (B, E), when the store has embeddings
 
     def __len__(self) -> int:
         return len(self.keys)
 
 
-def info_from_attrs(attrs: dict[str, Any], path: str | Path) -> EncodingInfo:
+def info_from_attrs(attrs: dict[str, Any], path: object) -> EncodingInfo:
     """Check the attributes a reader needs and build the `EncodingInfo`; CorruptStoreError if off."""
     missing = [a for a in (*STORE_ATTRS, *INFO_ATTRS) if a not in attrs]
     if missing:
         raise CorruptStoreError(f"{path}: not a featstore store, or damaged: attributes missing: {', '.join(missing)}")
     version = attrs["layout_version"]
-    if not isinstance(version, int) or version < 1:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise CorruptStoreError(f"{path}: layout_version {version!r} is not a positive integer")
     if version > LAYOUT_VERSION:
         raise StoreError(f"{path}: layout version {version} is newer than this featstore reads ({LAYOUT_VERSION})")
-    n = attrs["num_rows"]
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-        raise CorruptStoreError(f"{path}: num_rows {n!r} is not a non-negative integer")
+    if version == 1:
+        n = attrs.get("num_rows")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise CorruptStoreError(f"{path}: num_rows {n!r} is not a non-negative integer")
     try:
         info = EncodingInfo.from_attrs(attrs)
+        e = int(attrs.get("embedding_dim", 0) or 0)
+        if e != info.embedding_dim:
+            info = dataclasses.replace(info, embedding_dim=e)
     except (KeyError, TypeError, ValueError) as e:
         raise CorruptStoreError(f"{path}: bad encoding attributes ({e})") from None
     if info.dtype not in FEATURE_DTYPES:
         raise CorruptStoreError(f"{path}: dtype attribute {info.dtype!r} is not one of {FEATURE_DTYPES}")
-    if info.grid < 1 or info.hidden_dim < 1:
+    if info.grid < 1 or info.hidden_dim < 1 or info.embedding_dim < 0:
         raise CorruptStoreError(f"{path}: grid {info.grid} / hidden_dim {info.hidden_dim} must be positive")
     if not isinstance(attrs["failed"], list):
         raise CorruptStoreError(f"{path}: attribute 'failed' is not a list")
@@ -127,21 +127,25 @@ def info_from_attrs(attrs: dict[str, Any], path: str | Path) -> EncodingInfo:
 def expected_arrays(info: EncodingInfo) -> dict[str, tuple[tuple[int, ...], str]]:
     """name -> (shape after the row axis, dtype kind) as the layout defines them."""
     g = info.grid
-    return {
-        FEATURES: ((info.hidden_dim, g, g), info.dtype),
+    out = {
+        FEATURES: (tuple(info.feature_shape()), info.dtype),
         MASKS: ((g, g), "uint8"),
         KEYS: ((), "str"),
         SOURCES: ((), "str"),
         ORIG_SIZE: ((2,), "int32"),
     }
+    if info.embedding_dim:
+        out[EMBEDDING] = ((info.embedding_dim,), "float32")
+    return out
 
 
 def check_arrays(
-    path: str | Path, info: EncodingInfo, num_rows: int, found: dict[str, tuple[tuple[int, ...], str]]
+    path: object, info: EncodingInfo, num_rows: int, found: dict[str, tuple[tuple[int, ...], str]]
 ) -> None:
-    """Arrays as found on disk (name -> (shape, dtype)) against the attributes; CorruptStoreError if off.
+    """Arrays as found (name -> (shape, dtype)) against the attributes; CorruptStoreError if off.
 
-    String arrays are reported with dtype "str" by the backends.
+    String arrays are reported with dtype "str" by the backends. `num_rows`: the rows the
+    arrays must at least hold (layout 1; 0 where commits, not shapes, say which rows exist).
     """
     for name, (tail, dtype) in expected_arrays(info).items():
         if name not in found:
@@ -157,7 +161,7 @@ def check_arrays(
             raise CorruptStoreError(f"{path}: array '{name}' holds {shape[0]} rows but num_rows is {num_rows}")
 
 
-def check_compatible(path: str | Path, stored: EncodingInfo, requested: EncodingInfo) -> None:
+def check_compatible(path: object, stored: EncodingInfo, requested: EncodingInfo) -> None:
     """Refuse to mix rows made differently in one store (IncompatibleStoreError)."""
     for name in EncodingInfo.COMPATIBILITY_FIELDS:
         have, want = getattr(stored, name), getattr(requested, name)
@@ -166,6 +170,11 @@ def check_compatible(path: str | Path, stored: EncodingInfo, requested: Encoding
                 f"{path} holds {name}={have!r} but this build makes {name}={want!r}; "
                 "write to another store or pass --overwrite"
             )
+    if stored.embedding_dim != requested.embedding_dim:
+        raise IncompatibleStoreError(
+            f"{path} holds embedding_dim={stored.embedding_dim} but this build makes "
+            f"embedding_dim={requested.embedding_dim}; write to another store or pass --overwrite"
+        )
     # Rows imported from .npy files have no known weights: only the fields above can be checked.
     imported = "imported" in (stored.model_source.get("kind"), requested.model_source.get("kind"))
     if not imported and stored.model_source != requested.model_source:
@@ -190,11 +199,12 @@ class FeatureStore(ABC):
 
     format: ClassVar[Format]
 
-    def __init__(self, path: Path, attrs: dict[str, Any]) -> None:
-        self.path = path
+    def __init__(self, location: Location, attrs: dict[str, Any], num_rows: int) -> None:
+        self.location = location
+        self.path: Path | str = location.path if location.is_local else location.url
         self._attrs = attrs
-        self._info = info_from_attrs(attrs, path)
-        self._n: int = attrs["num_rows"]
+        self._info = info_from_attrs(attrs, location)
+        self._n = num_rows
         self._keys: list[str] | None = None
         self._sources: list[str] | None = None
         self._orig: np.ndarray | None = None
@@ -203,12 +213,8 @@ class FeatureStore(ABC):
     # -- what a backend provides -------------------------------------------------------
 
     @abstractmethod
-    def _read_rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(features, masks) of these rows: sorted, unique, all < len(self)."""
-
-    @abstractmethod
-    def _read_range(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        """(features, masks) of the rows start..stop-1."""
+    def _read_rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(features, masks, embedding or None) of these rows: sorted, unique, all < len(self)."""
 
     @abstractmethod
     def _read_column(self, name: str) -> Any:
@@ -226,6 +232,9 @@ class FeatureStore(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
+    def _read_range(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        return self._read_rows(np.arange(start, stop, dtype=np.int64))
+
     # -- the interface ---------------------------------------------------------------
 
     @property
@@ -236,6 +245,10 @@ class FeatureStore(ABC):
     @property
     def info(self) -> EncodingInfo:
         return self._info
+
+    @property
+    def has_embedding(self) -> bool:
+        return self._info.embedding_dim > 0
 
     @property
     def failed(self) -> list[Failure]:
@@ -268,31 +281,37 @@ class FeatureStore(ABC):
 
     def __getitem__(self, item: int | str) -> Row:
         i = self._position(item)
-        feats, masks = self._read_rows(np.array([i], dtype=np.int64))
-        return Row(self._key_list()[i], i, feats[0], masks[0], self._orig_tuple(i), self._source_list()[i])
+        feats, masks, emb = self._read_rows(np.array([i], dtype=np.int64))
+        return Row(
+            self._key_list()[i],
+            i,
+            feats[0],
+            masks[0],
+            self._orig_tuple(i),
+            self._source_list()[i],
+            None if emb is None else emb[0],
+        )
 
     def __iter__(self) -> Iterator[Row]:
         """Every row in order (read a shard at a time). `key in store` tests keys."""
         sources = self._source_list()
-        for batch in self.iter_batches():
-            for j, i in enumerate(batch.indices):
-                yield Row(
-                    batch.keys[j], int(i), batch.features[j], batch.masks[j], self._orig_tuple(int(i)), sources[i]
-                )
+        for b in self.iter_batches():
+            for j, i in enumerate(b.indices):
+                emb = None if b.embedding is None else b.embedding[j]
+                yield Row(b.keys[j], int(i), b.features[j], b.masks[j], self._orig_tuple(int(i)), sources[i], emb)
 
     def get_batch(self, items: Sequence[int | str] | np.ndarray) -> RowBatch:
         """Rows by position or key (mixed is fine, repeats too), stacked in the order given."""
         indices = np.fromiter((self._position(x) for x in items), dtype=np.int64, count=len(items))
         if len(indices) == 0:
-            c, g = self._info.hidden_dim, self._info.grid
-            feats, masks = np.empty((0, c, g, g), self._info.dtype), np.empty((0, g, g), np.uint8)
-            return RowBatch([], indices, feats, masks, np.empty((0, 2), np.int32))
+            return self._empty_batch()
         unique, inverse = np.unique(indices, return_inverse=True)
-        feats, masks = self._read_rows(unique)
+        feats, masks, emb = self._read_rows(unique)
         if len(unique) != len(indices) or not np.array_equal(unique, indices):
             feats, masks = feats[inverse], masks[inverse]
+            emb = None if emb is None else emb[inverse]
         keys = self._key_list()
-        return RowBatch([keys[i] for i in indices], indices, feats, masks, self._orig_sizes()[indices])
+        return RowBatch([keys[i] for i in indices], indices, feats, masks, self._orig_sizes()[indices], emb)
 
     def iter_batches(self, batch_size: int | None = None) -> Iterator[RowBatch]:
         """All rows in order, `batch_size` at a time (default: a shard at a time)."""
@@ -300,8 +319,8 @@ class FeatureStore(ABC):
         keys = self._key_list()
         for start in range(0, self._n, step):
             stop = min(start + step, self._n)
-            feats, masks = self._read_range(start, stop)
-            yield RowBatch(keys[start:stop], np.arange(start, stop), feats, masks, self._orig_sizes()[start:stop])
+            feats, masks, emb = self._read_range(start, stop)
+            yield RowBatch(keys[start:stop], np.arange(start, stop), feats, masks, self._orig_sizes()[start:stop], emb)
 
     def __enter__(self) -> FeatureStore:
         return self
@@ -311,10 +330,21 @@ class FeatureStore(ABC):
 
     def __repr__(self) -> str:
         info = self._info
-        shape = (info.hidden_dim, info.grid, info.grid)
-        return f"<FeatureStore {self.format} {str(self.path)!r}: {self._n} rows of {shape} {info.dtype}, {info.model}>"
+        return (
+            f"<FeatureStore {self.format} {str(self.path)!r}: {self._n} rows of {info.feature_shape()} "
+            f"{info.dtype}, {info.model}>"
+        )
 
     # -- helpers -----------------------------------------------------------------------
+
+    def _empty_batch(self) -> RowBatch:
+        info = self._info
+        g = info.grid
+        emb = np.empty((0, info.embedding_dim), np.float32) if info.embedding_dim else None
+        feats = np.empty((0, *info.feature_shape()), info.dtype)
+        return RowBatch(
+            [], np.empty(0, np.int64), feats, np.empty((0, g, g), np.uint8), np.empty((0, 2), np.int32), emb
+        )
 
     def _position(self, item: int | str) -> int:
         if isinstance(item, str):
@@ -367,4 +397,5 @@ def encoded_batches(store: FeatureStore, skip_keys: frozenset[str] | set[str] = 
             features=batch.features[rows],
             masks=batch.masks[rows],
             orig_size_hw=batch.orig_size_hw[rows],
+            embedding=None if batch.embedding is None else batch.embedding[rows],
         )

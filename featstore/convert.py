@@ -1,5 +1,8 @@
 """Operations on whole stores: export to / import from the reference per-image .npy
-format, convert between Zarr and HDF5, and describe a store (`info`).
+format, convert between Zarr and HDF5, upgrade, and describe a store (`info`).
+
+They sit above `featstore.store` (which knows nothing of the .npy format or the model
+registry) and take store locations as the store package does: paths or URLs.
 """
 
 from __future__ import annotations
@@ -16,8 +19,17 @@ import numpy as np
 from featstore.batches import EncodedBatch, EncodingInfo, Failure, ImageItem
 from featstore.errors import ConfigError, StoreError, UnsafeKeyError
 from featstore.npy import output_stem, write_image_outputs
-from featstore.store import open_store, open_store_writer, store_format
+from featstore.store import Location, as_location, open_store, open_store_writer
 from featstore.store.base import encoded_batches
+
+Where = str | os.PathLike[str] | Location
+
+
+def _version() -> str:
+    from featstore import __version__
+
+    return __version__
+
 
 # ---------------------------------------------------------------------------------------
 # export
@@ -30,17 +42,19 @@ class ExportResult:
 
 
 def export_npy(
-    store_path: str | os.PathLike[str],
+    store_path: Where,
     out_dir: str | os.PathLike[str],
     *,
     save_meta: bool,
     keys: Sequence[str] | None = None,
+    embedding: bool = False,
 ) -> ExportResult:
     """Write each row as the reference scripts do: `<stem>.npy`, `<stem>_mask.npy` and, with
     `save_meta`, `<stem>.json`, byte-identical to what `build --npy-dir` writes.
 
     Keys that would leave `out_dir` (absolute, `..`, NUL, backslash) are refused and
-    reported, never written. Unknown `keys` raise KeyError.
+    reported, never written. Unknown `keys` raise KeyError. `embedding` also writes
+    `<stem>_embedding.npy` (stores that hold embeddings).
     """
     out = Path(out_dir)
     result = ExportResult()
@@ -61,8 +75,20 @@ def export_npy(
                 orig = batch.orig_size_hw[j]
                 meta = info.image_json(ImageItem(key, sources[int(batch.indices[j])]), orig) if save_meta else None
                 write_image_outputs(out, key, batch.features[j], batch.masks[j], meta)
+                if embedding and batch.embedding is not None:
+                    stem = output_stem(out, key)
+                    _save_npy(stem.with_name(stem.name + "_embedding.npy"), batch.embedding[j])
                 result.written += 1
     return result
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """np.save to a temporary name, then renamed into place: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -156,7 +182,7 @@ def _info_from_arrays(features: np.ndarray, model: str) -> EncodingInfo:
         from featstore.models import lookup
     except ImportError:  # pragma: no cover - the registry is part of the package
 
-        def lookup(name: str) -> Any:
+        def lookup(name: str) -> Any:  # type: ignore[misc]
             return None
 
     if features.ndim != 3 or features.shape[1] != features.shape[2]:
@@ -196,9 +222,7 @@ class ImportResult:
     refused: list[Failure] = field(default_factory=list)
 
 
-def import_npy(
-    npy_dir: str | os.PathLike[str], store_path: str | os.PathLike[str], *, model: str | None = None
-) -> ImportResult:
+def import_npy(npy_dir: str | os.PathLike[str], store_path: Where, *, model: str | None = None) -> ImportResult:
     """Ingest a folder of reference-format outputs (`x.npy`, `x_mask.npy`, optional `x.json`).
 
     The encoding (model, feature type, size, grid, channels, dtype) comes from the JSON
@@ -224,7 +248,7 @@ def import_npy(
 
     result = ImportResult()
     shape, g = info.feature_shape(), info.grid
-    with open_store_writer(store_path, info, overwrite=False) as writer:
+    with open_store_writer(store_path, info, overwrite=False, featstore_version=_version()) as writer:
         batch: list[tuple[str, str, np.ndarray, np.ndarray, list[int]]] = []
 
         def flush() -> None:
@@ -270,18 +294,22 @@ def _chain_first(first: _NpyEntry, rest: Iterator[_NpyEntry]) -> Iterator[_NpyEn
 # convert
 
 
-def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False) -> int:
+def convert(src: Where, dst: Where, *, overwrite: bool = False) -> int:
     """Copy every row of `src` into a new store `dst` of the other (or same) format; returns rows.
 
     Rows keep their order; the encoding and `failed` are carried over (`created` is now).
+    Either side may be on object storage (Zarr).
     """
-    src, dst = Path(src), Path(dst)
-    store_format(dst)
+    src, dst = as_location(src), as_location(dst)
+    dst.format  # noqa: B018  (a bad suffix fails before anything is read)
+    if src.url == dst.url:
+        raise StoreError("source and destination are the same store")
     if dst.exists() and not overwrite:
         raise StoreError(f"{dst} exists; choose a new path or pass --overwrite")
-    if src.resolve() == dst.resolve():
-        raise StoreError("source and destination are the same store")
-    with open_store(src) as store, open_store_writer(dst, store.info, overwrite=overwrite) as writer:
+    with (
+        open_store(src) as store,
+        open_store_writer(dst, store.info, overwrite=overwrite, featstore_version=_version()) as writer,
+    ):
         for batch in encoded_batches(store):
             writer.write(batch)
         writer.record_failures(store.failed)
@@ -292,7 +320,14 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwri
 # info
 
 
-def _disk_usage(path: Path) -> tuple[int, int]:
+def _disk_usage(location: Location) -> tuple[int, int]:
+    if not location.is_local:
+        from featstore.store._blobs import RemoteBlobs
+
+        blobs = RemoteBlobs(location)
+        sizes = blobs.fs.du(blobs.root, total=False)
+        return sum(sizes.values()), len(sizes)
+    path = location.path
     if path.is_file():
         return path.stat().st_size, 1
     total = files = 0
@@ -303,10 +338,10 @@ def _disk_usage(path: Path) -> tuple[int, int]:
     return total, files
 
 
-def info(path: str | os.PathLike[str]) -> dict[str, Any]:
+def info(where: Where) -> dict[str, Any]:
     """A description of a store: encoding, row counts, arrays, and disk use."""
-    path = Path(path)
-    with open_store(path) as store:
+    location = as_location(where)
+    with open_store(location) as store:
         attrs = store.attrs
         arrays = store.array_details()
         n = len(store)
@@ -314,9 +349,9 @@ def info(path: str | os.PathLike[str]) -> dict[str, Any]:
         for a in arrays.values():
             if a["dtype"] != "str":
                 uncompressed += n * int(np.prod(a["shape"][1:], dtype=np.int64)) * np.dtype(a["dtype"]).itemsize
-        on_disk, files = _disk_usage(path)
+        on_disk, files = _disk_usage(location)
         return {
-            "path": str(path),
+            "path": str(location),
             "format": store.format,
             "layout_version": attrs["layout_version"],
             "featstore_version": attrs["featstore_version"],
@@ -327,9 +362,11 @@ def info(path: str | os.PathLike[str]) -> dict[str, Any]:
             "feature_type": attrs["feature_type"],
             "clip_output": attrs["clip_output"],
             "size": attrs["size"],
-            "feature_shape": [attrs["hidden_dim"], attrs["grid"], attrs["grid"]],
+            "feature_shape": list(store.info.feature_shape()),
+            "embedding_dim": store.info.embedding_dim,
             "dtype": attrs["dtype"],
             "num_rows": n,
+            "shard_rows": store.shard_rows,
             "num_failed": len(attrs["failed"]),
             "arrays": arrays,
             "bytes_on_disk": on_disk,
