@@ -236,7 +236,9 @@ def build(
                 from featstore import __version__
                 from featstore.store.writer import open_store_writer
 
-                writers.append(open_store_writer(store, info, overwrite=options.overwrite, featstore_version=__version__))
+                writers.append(
+                    open_store_writer(store, info, overwrite=options.overwrite, featstore_version=__version__)
+                )
             if npy_dir is not None:
                 writers.append(NpyWriter(Path(npy_dir), info, save_meta=save_meta, overwrite=options.overwrite))
         except OSError as e:
