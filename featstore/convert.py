@@ -61,6 +61,12 @@ def export_npy(
     with open_store(store_path) as store:
         info, sources = store.info, store.sources()
         wanted = list(store.keys()) if keys is None else list(keys)
+        unknown = [k for k in wanted if k not in store]
+        if unknown:  # before anything is written
+            raise KeyError(
+                f"{store.path} has no row with key {unknown[0]!r}"
+                + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+            )
         safe: list[str] = []
         for key in wanted:
             try:
@@ -368,6 +374,8 @@ def info(where: Where) -> dict[str, Any]:
             "num_rows": n,
             "shard_rows": store.shard_rows,
             "num_failed": len(attrs["failed"]),
+            "failed": attrs["failed"],
+            "preprocessing": attrs.get("preprocessing"),
             "arrays": arrays,
             "bytes_on_disk": on_disk,
             "uncompressed_bytes": uncompressed,

@@ -113,6 +113,12 @@ def open_store(
     location = as_location(where, storage_options)
     fmt = location.format
     if location.is_local and not os.path.lexists(location.url):
+        stage = location.url + ".featstore-stage.zarr"
+        if fmt == "hdf5" and os.path.lexists(stage):
+            raise StoreError(
+                f"no store at {location} yet: a first build is in progress (or was interrupted; "
+                f"its rows are staged in {os.path.basename(stage)} and the file is written when it ends)"
+            )
         raise StoreError(f"no store at {location}")
     if fmt == "zarr":
         from featstore.store._zarr import ZarrFeatureStore
