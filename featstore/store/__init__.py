@@ -24,29 +24,38 @@ PUT can be conditional (`If-None-Match: *`), a prefix can be listed. No rename, 
   rows of shard `s` that exist are those it names (up to the first empty key; keys are
   never empty). A reader lists `keys/c/`, reads those chunks, and sees exactly the
   committed rows, in shard order; data objects without a keys chunk are invisible.
-- A shard is committed by creating its keys chunk with a conditional create (S3
-  `If-None-Match: *`, an exclusive link on local disk): a second writer of the same
-  shard fails instead of overwriting. A writer that reopens a store refills its last,
-  partial shard: it reads the committed rows back and rewrites every object of that
-  shard whole (replacing, never adding a copy), the keys chunk last. Committed rows
-  keep their bytes and offsets in the new objects, so a reader that saw the old
-  record reads the same rows from either version of an object.
+- A shard has one owner. Before writing any of shard `s`'s objects, a writer claims it
+  by creating `claims/c/s` (a chunk of the `claims` array holding the writer's id, host,
+  pid and start time) with a conditional create (S3 `If-None-Match: *`, an exclusive
+  link on local disk). A claim it finds already there stops it, before it writes
+  anything, unless the claim is its own or was already there, on a shard not yet
+  complete, when this writer opened the store: that one's writer is gone (a killed
+  build; one build writes a store at a time) and is taken over. New shards' keys
+  chunks are also created conditionally, as a second guard.
+- A writer that reopens a store refills its last, partial shard: it reads the committed
+  rows back and rewrites every object of that shard whole (replacing, never adding a
+  copy), the keys chunk last. Committed rows keep their bytes and offsets in the new
+  objects, so a reader that saw the old record reads the same rows from either version
+  of an object.
 - Metadata (the group's and arrays' `zarr.json`) is written by one process, the
   store's metadata writer: the build that creates the store writes the arrays' metadata
   and then the group's `zarr.json` by a conditional create (the store exists from that
   write on); afterwards the single-process build raises the arrays' shapes after each
   commit (so that zarr-python and TensorStore see the rows too) and writes the
   attributes (`failed`) when it closes. Readers never depend on the shapes.
-- Progress is recorded by shard, never by process: the next issue's many writers own
-  disjoint shard ranges, commit them the same way and leave metadata to one process;
-  rows are ordered by shard, so gaps between shards are allowed (plain Zarr readers see
-  them as empty keys).
+- Progress is recorded by shard, never by process: many writers (on many nodes) can own
+  disjoint shard ranges, claim and commit them the same way and leave metadata to one
+  process; what is done is read from the keys chunks alone. Rows are ordered by shard,
+  so gaps between shards are allowed (plain Zarr readers see them as empty keys).
+  Claims carry the owner and its start time, so that an expiry (for live writers
+  sharing a store) can be added without changing the layout.
 
 Failures it survives: a writer killed at any moment (before its keys chunk, the shard
 does not exist; after it, it is complete; a rerun refills the partial shard, skips
 committed keys, so no key is ever stored twice); a crash while creating the store
 (no group `zarr.json`: no store; the rerun creates it); two builds of one store (the
-second fails at its first commit); readers at any instant (they see a prefix of whole
+second stops at its first claim, before writing; a build started after another was
+killed takes over its claims); readers at any instant (they see a prefix of whole
 shards). Local writes go through zarr's LocalStore (a temporary file renamed into place)
 and a killed writer's temporary files are deleted by the next writer.
 `--overwrite` deletes the old store first, commit records first (readers see whole shards
