@@ -92,6 +92,7 @@ __all__ = [
     "RowBatch",
     "StoreWriter",
     "as_location",
+    "disk_usage",
     "engine_order",
     "open_store",
     "open_store_writer",
@@ -147,6 +148,26 @@ def _check_remote(location: Location) -> None:
     if blobs.read("zarr.json") is None:
         blobs.check_reachable()  # names a missing bucket or refused credentials
         raise StoreError(f"no store at {location}")
+
+
+def disk_usage(where: str | os.PathLike[str] | Location) -> tuple[int, int]:
+    """(bytes, objects) a store takes up: files on disk, or objects under its prefix."""
+    location = as_location(where)
+    if not location.is_local:
+        from featstore.store._blobs import RemoteBlobs
+
+        blobs = RemoteBlobs(location)
+        sizes = blobs.fs.du(blobs.root, total=False)
+        return sum(sizes.values()), len(sizes)
+    path = location.path
+    if path.is_file():
+        return path.stat().st_size, 1
+    total = files = 0
+    for dirpath, _, names in os.walk(path):
+        for n in names:
+            total += os.path.getsize(os.path.join(dirpath, n))
+            files += 1
+    return total, files
 
 
 def engine_order(engine: str | Sequence[str]) -> tuple[str, ...]:
