@@ -5,10 +5,8 @@ float16 is 512 KiB, so the writer must take ~1 GB/s, in one Python thread, besid
 encoder. This measures `StoreWriter` (Zarr, HDF5) and the per-image `NpyWriter` alone,
 fed batches of 64 ready rows, side by side in one run (best of `--repeats`, interleaved):
 
-- zarr-python: feature shards encoded by zarr-python, 24 MiB shards (featstore before
-  the direct shard writer);
-- direct 24 MiB / direct 64 MiB: feature shards written by `featstore.store._direct`
-  (the default since), with the old and the current shard size;
+- zarr, 8 / 24 / 64 MiB shards: whole shards written as single objects (layout 2; 64 MiB
+  is the default), to show what the per-commit cost does at each shard size;
 - h5: the HDF5 path (staged in Zarr, the file written at close);
 - npy: the reference's per-image files.
 
@@ -28,7 +26,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +34,6 @@ from random_access import make_info  # the same synthetic EncodingInfo
 
 from featstore.batches import EncodedBatch, EncodingInfo, ImageItem
 from featstore.npy import NpyWriter
-from featstore.store import _zarr
 from featstore.store.writer import open_store_writer
 
 SHAPES = {"ViT-B/32 fp16": (768, 7, 7), "ViT-L/14 fp16": (1024, 16, 16)}
@@ -47,17 +43,6 @@ BATCH = 64
 
 def rows_within(limit: int, row_bytes: int) -> int:
     return max(8, min(1024, 2 ** int(math.log2(max(1.0, limit / row_bytes)))))
-
-
-@contextmanager
-def zarr_settings(direct: bool, shard_bytes: int, row_bytes: int):  # type: ignore[no-untyped-def]
-    old = _zarr.DIRECT_WRITES, _zarr.default_shard_rows
-    _zarr.DIRECT_WRITES = direct
-    _zarr.default_shard_rows = lambda info: rows_within(shard_bytes, row_bytes)
-    try:
-        yield
-    finally:
-        _zarr.DIRECT_WRITES, _zarr.default_shard_rows = old
 
 
 def batches(info: EncodingInfo, n: int) -> list[EncodedBatch]:
@@ -98,20 +83,16 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="featstore-write-", dir=args.dir))
     variants: dict[str, Callable[[EncodingInfo, Path], Callable[[], Any]]] = {}
 
-    def zarr_variant(direct: bool, shard_bytes: int) -> Callable[[EncodingInfo, Path], Callable[[], Any]]:
+    def zarr_variant(shard_bytes: int) -> Callable[[EncodingInfo, Path], Callable[[], Any]]:
         def make(info: EncodingInfo, out: Path) -> Callable[[], Any]:
-            def writer() -> Any:
-                row_bytes = info.hidden_dim * info.grid**2 * 2
-                with zarr_settings(direct, shard_bytes, row_bytes):
-                    return open_store_writer(out / "s.zarr", info, overwrite=False)
-
-            return writer
+            rows = rows_within(shard_bytes, info.hidden_dim * info.grid**2 * 2)
+            return lambda: open_store_writer(out / "s.zarr", info, overwrite=False, shard_rows=rows)
 
         return make
 
-    variants["zarr-python, 24 MiB shards"] = zarr_variant(False, 24 * 2**20)
-    variants["direct, 24 MiB shards"] = zarr_variant(True, 24 * 2**20)
-    variants["direct, 64 MiB shards (default)"] = zarr_variant(True, 64 * 2**20)
+    variants["zarr, 8 MiB shards"] = zarr_variant(8 * 2**20)
+    variants["zarr, 24 MiB shards"] = zarr_variant(24 * 2**20)
+    variants["zarr, 64 MiB shards (default)"] = zarr_variant(64 * 2**20)
     variants["h5"] = lambda info, out: lambda: open_store_writer(out / "s.h5", info, overwrite=False)
     variants["npy (2 files per row)"] = lambda info, out: (
         lambda: NpyWriter(out / "npy", info, save_meta=False, overwrite=False)

@@ -44,11 +44,12 @@ _LAZY = {
 }
 
 
-def open(path: str | os.PathLike[str]) -> FeatureStore:
-    """Open a feature store (`.zarr` or `.h5`) for reading; also a context manager."""
+def open(path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> FeatureStore:
+    """Open a feature store (`.zarr` or `.h5`, a path or a URL such as `s3://bucket/x.zarr`)
+    for reading; also a context manager. `storage_options`: fsspec's options for a URL."""
     from featstore.store import open_store
 
-    return open_store(path)
+    return open_store(path, storage_options=storage_options)
 
 
 def __getattr__(name: str) -> Any:

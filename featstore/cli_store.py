@@ -51,8 +51,12 @@ def export_npy(
 ) -> None:
     """Write a store's rows as reference-format per-image files (byte-identical to `build --npy-dir`)."""
     from featstore.convert import export_npy as run
+    from featstore.errors import StoreError
 
-    result = run(_loc(store, storage_option), out, save_meta=save_meta, keys=keys, embedding=embedding)
+    try:
+        result = run(_loc(store, storage_option), out, save_meta=save_meta, keys=keys, embedding=embedding)
+    except KeyError as e:
+        raise StoreError(str(e.args[0]) if e.args else str(e)) from None
     typer.echo(f"wrote {result.written} image(s) to {out}")
     for f in result.refused:
         typer.echo(f"  refused {f.key!r}: {f.reason}", err=True)
@@ -89,6 +93,7 @@ def import_npy(
 def info(
     store: Annotated[str, typer.Argument(help=STORE_HELP)],
     as_json: Annotated[bool, typer.Option("--json", help="Print the description as JSON.")] = False,
+    failed: Annotated[bool, typer.Option("--failed", help="List every failed image (default: the first 5).")] = False,
     storage_option: StorageOptions = None,
 ) -> None:
     """Describe a store: model, shapes, rows, failures, arrays, codecs and disk use."""
@@ -104,8 +109,11 @@ def info(
         f"{d['path']}  ({d['format']}, layout {d['layout_version']}, featstore {d['featstore_version']}, "
         f"created {d['created']})",
         f"model         {d['model']}  [{', '.join(f'{k}={v}' for k, v in src.items())}]",
-        f"features      {d['feature_type']} ({d['family']}, clip_output {d['clip_output']}), "
-        f"size {d['size']}, shape {tuple(d['feature_shape'])} {d['dtype']}",
+        f"features      {d['feature_type']} ({d['family']}"
+        + (f", clip_output {d['clip_output']}" if d["family"] == "clip" else "")
+        + f"), size {d['size']}, shape {tuple(d['feature_shape'])} {d['dtype']}"
+        + (f", embedding {d['embedding_dim']}" if d.get("embedding_dim") else ""),
+        f"preprocessing {_preprocessing(d.get('preprocessing'))}",
         f"rows          {d['num_rows']}   failed: {d['num_failed']}",
         f"disk          {_size(d['bytes_on_disk'])} in {d['file_count']} file(s); "
         f"numeric data {_size(d['uncompressed_bytes'])} uncompressed"
@@ -119,7 +127,18 @@ def info(
             f"  {name:<13} {tuple(a['shape'])!s:<22} {a['dtype']:<8} chunks {chunks}{shards}  "
             f"codecs {', '.join(a['codecs'])}"
         )
+    shown = d["failed"] if failed else d["failed"][:5]
+    for f in shown:
+        lines.append(f"  failed  {f.get('key')!r}: {f.get('reason', '')}")
+    if len(shown) < len(d["failed"]):
+        lines.append(f"  ... and {len(d['failed']) - len(shown)} more (--failed lists them all)")
     typer.echo("\n".join(lines))
+
+
+def _preprocessing(p: object) -> str:
+    if not isinstance(p, dict):
+        return "unknown"
+    return f"{p.get('name')}; mean {p.get('mean')}, std {p.get('std')}; {p.get('resize')}; {p.get('premultiply')}"
 
 
 def ls(store: Annotated[str, typer.Argument(help=STORE_HELP)], storage_option: StorageOptions = None) -> None:
@@ -155,11 +174,19 @@ def preview(
     storage_option: StorageOptions = None,
 ) -> None:
     """Save a PNG of one row: PCA of its features as RGB, its mask (and the source image)."""
+    from featstore.errors import StoreError
     from featstore.preview import render_preview
     from featstore.store import open_store
 
     with open_store(_loc(store, storage_option)) as s:
-        item = key if key in s or not key.lstrip("-").isdigit() else s[int(key)].key
+        if key in s:
+            item = key
+        elif key.lstrip("-").isdigit():
+            if not -len(s) <= int(key) < len(s):
+                raise StoreError(f"{store} has no row {key} (it holds {len(s)} rows, 0..{len(s) - 1})")
+            item = s[int(key)].key
+        else:
+            raise StoreError(f"{store} has no row with key {key!r}")
         render_preview(s, item, out, image_root=image)
     typer.echo(f"wrote {out}")
 

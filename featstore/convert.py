@@ -19,7 +19,7 @@ import numpy as np
 from featstore.batches import EncodedBatch, EncodingInfo, Failure, ImageItem
 from featstore.errors import ConfigError, StoreError, UnsafeKeyError
 from featstore.npy import output_stem, write_image_outputs
-from featstore.store import Location, as_location, open_store, open_store_writer
+from featstore.store import Location, as_location, disk_usage, open_store, open_store_writer
 from featstore.store.base import encoded_batches
 
 Where = str | os.PathLike[str] | Location
@@ -61,6 +61,12 @@ def export_npy(
     with open_store(store_path) as store:
         info, sources = store.info, store.sources()
         wanted = list(store.keys()) if keys is None else list(keys)
+        unknown = [k for k in wanted if k not in store]
+        if unknown:  # before anything is written
+            raise KeyError(
+                f"{store.path} has no row with key {unknown[0]!r}"
+                + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+            )
         safe: list[str] = []
         for key in wanted:
             try:
@@ -320,24 +326,6 @@ def convert(src: Where, dst: Where, *, overwrite: bool = False) -> int:
 # info
 
 
-def _disk_usage(location: Location) -> tuple[int, int]:
-    if not location.is_local:
-        from featstore.store._blobs import RemoteBlobs
-
-        blobs = RemoteBlobs(location)
-        sizes = blobs.fs.du(blobs.root, total=False)
-        return sum(sizes.values()), len(sizes)
-    path = location.path
-    if path.is_file():
-        return path.stat().st_size, 1
-    total = files = 0
-    for dirpath, _, names in os.walk(path):
-        for n in names:
-            total += os.path.getsize(os.path.join(dirpath, n))
-            files += 1
-    return total, files
-
-
 def info(where: Where) -> dict[str, Any]:
     """A description of a store: encoding, row counts, arrays, and disk use."""
     location = as_location(where)
@@ -349,7 +337,7 @@ def info(where: Where) -> dict[str, Any]:
         for a in arrays.values():
             if a["dtype"] != "str":
                 uncompressed += n * int(np.prod(a["shape"][1:], dtype=np.int64)) * np.dtype(a["dtype"]).itemsize
-        on_disk, files = _disk_usage(location)
+        on_disk, files = disk_usage(location)
         return {
             "path": str(location),
             "format": store.format,
@@ -368,6 +356,8 @@ def info(where: Where) -> dict[str, Any]:
             "num_rows": n,
             "shard_rows": store.shard_rows,
             "num_failed": len(attrs["failed"]),
+            "failed": attrs["failed"],
+            "preprocessing": attrs.get("preprocessing"),
             "arrays": arrays,
             "bytes_on_disk": on_disk,
             "uncompressed_bytes": uncompressed,

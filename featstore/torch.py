@@ -111,6 +111,9 @@ class FeatureDataset(Dataset):
             keys += [k for k in labels if k not in first]  # reported as missing below
         if keys is None:
             keys = [k for k in first if all(k in idx for idx in indexes.values())]
+            if self.joined and not keys and any(indexes.values()):
+                names = ", ".join(f"{n!r} ({len(i)} rows)" for n, i in indexes.items())
+                raise ValueError(f"the stores have no key in common: {names}; were they built from the same folder?")
         else:
             keys = list(keys)
             for name, idx in indexes.items():

@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -26,7 +27,9 @@ START_TIMEOUT = 120.0  # seconds: weed starts in < 10 s; generous for a loaded C
 
 
 def weed_binary() -> str | None:
-    return shutil.which("weed")
+    """`weed` on PATH, or beside this Python (a venv used without activating it)."""
+    beside = Path(sys.executable).parent / "weed"
+    return shutil.which("weed") or (str(beside) if beside.exists() else None)
 
 
 def _free(port: int) -> bool:

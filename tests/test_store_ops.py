@@ -237,3 +237,60 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0 and "no store at" in err
+
+
+def _one_line_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    from featstore.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip().count("\n") == 0 and "Traceback" not in err, err
+    return err
+
+
+def test_cli_unknown_rows_are_one_line_naming_them(
+    cli_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = str(tmp_path / "p.png")
+    assert "no row with key 'nosuch.png'" in _one_line_error(
+        ["preview", str(cli_store), "nosuch.png", "-o", out], capsys
+    )
+    assert "no row 99" in _one_line_error(["preview", str(cli_store), "99", "-o", out], capsys)
+    err = _one_line_error(["export-npy", str(cli_store), str(tmp_path / "x"), "--keys", "nosuch.png"], capsys)
+    assert "nosuch.png" in err and not (tmp_path / "x").exists()
+
+
+def test_cli_info_lists_failures_and_preprocessing(tmp_path: Path) -> None:
+    store = tmp_path / "d.zarr"
+    info = make_info(family="dinov2", feature_type="dinov2_patch_features", model="facebook/dinov2-small")
+    with open_store_writer(store, info, overwrite=False) as w:
+        w.write(make_batch(KEYS[:2], info=info))
+        w.record_failures([Failure(f"bad{i}.png", "cannot decode") for i in range(7)])
+    r = invoke("info", str(store))
+    assert r.exit_code == 0, r.output
+    assert "clip_output" not in r.output and "preprocessing opencv_alpha_multiplication" in r.output
+    assert "'bad4.png': cannot decode" in r.output and "bad5.png" not in r.output and "2 more" in r.output
+    r = invoke("info", str(store), "--failed")
+    assert "'bad6.png'" in r.output and "more" not in r.output
+
+
+def test_info_during_a_first_hdf5_build_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "x.h5"
+    w = open_store_writer(path, make_info(), overwrite=False, shard_rows=2)
+    w.write(make_batch(KEYS[:3]))  # a shard staged, the file not written yet
+    try:
+        assert "a first build is in progress" in _one_line_error(["info", str(path)], capsys)
+    finally:
+        w.close()
+    assert invoke("info", str(path)).exit_code == 0
+
+
+def test_joined_stores_without_common_keys_are_refused(tmp_path: Path) -> None:
+    from featstore.torch import FeatureDataset
+
+    for name, keys in (("a", KEYS[:2]), ("b", KEYS[2:])):
+        with open_store_writer(tmp_path / f"{name}.zarr", make_info(), overwrite=False) as w:
+            w.write(make_batch(keys))
+    with pytest.raises(ValueError, match="no key in common"):
+        FeatureDataset({"a": tmp_path / "a.zarr", "b": tmp_path / "b.zarr"})

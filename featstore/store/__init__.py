@@ -24,29 +24,38 @@ PUT can be conditional (`If-None-Match: *`), a prefix can be listed. No rename, 
   rows of shard `s` that exist are those it names (up to the first empty key; keys are
   never empty). A reader lists `keys/c/`, reads those chunks, and sees exactly the
   committed rows, in shard order; data objects without a keys chunk are invisible.
-- A shard is committed by creating its keys chunk with a conditional create (S3
-  `If-None-Match: *`, an exclusive link on local disk): a second writer of the same
-  shard fails instead of overwriting. A writer that reopens a store refills its last,
-  partial shard: it reads the committed rows back and rewrites every object of that
-  shard whole (replacing, never adding a copy), the keys chunk last. Committed rows
-  keep their bytes and offsets in the new objects, so a reader that saw the old
-  record reads the same rows from either version of an object.
+- A shard has one owner. Before writing any of shard `s`'s objects, a writer claims it
+  by creating `claims/c/s` (a chunk of the `claims` array holding the writer's id, host,
+  pid and start time) with a conditional create (S3 `If-None-Match: *`, an exclusive
+  link on local disk). A claim it finds already there stops it, before it writes
+  anything, unless the claim is its own or was already there, on a shard not yet
+  complete, when this writer opened the store: that one's writer is gone (a killed
+  build; one build writes a store at a time) and is taken over. New shards' keys
+  chunks are also created conditionally, as a second guard.
+- A writer that reopens a store refills its last, partial shard: it reads the committed
+  rows back and rewrites every object of that shard whole (replacing, never adding a
+  copy), the keys chunk last. Committed rows keep their bytes and offsets in the new
+  objects, so a reader that saw the old record reads the same rows from either version
+  of an object.
 - Metadata (the group's and arrays' `zarr.json`) is written by one process, the
   store's metadata writer: the build that creates the store writes the arrays' metadata
   and then the group's `zarr.json` by a conditional create (the store exists from that
   write on); afterwards the single-process build raises the arrays' shapes after each
   commit (so that zarr-python and TensorStore see the rows too) and writes the
   attributes (`failed`) when it closes. Readers never depend on the shapes.
-- Progress is recorded by shard, never by process: the next issue's many writers own
-  disjoint shard ranges, commit them the same way and leave metadata to one process;
-  rows are ordered by shard, so gaps between shards are allowed (plain Zarr readers see
-  them as empty keys).
+- Progress is recorded by shard, never by process: many writers (on many nodes) can own
+  disjoint shard ranges, claim and commit them the same way and leave metadata to one
+  process; what is done is read from the keys chunks alone. Rows are ordered by shard,
+  so gaps between shards are allowed (plain Zarr readers see them as empty keys).
+  Claims carry the owner and its start time, so that an expiry (for live writers
+  sharing a store) can be added without changing the layout.
 
 Failures it survives: a writer killed at any moment (before its keys chunk, the shard
 does not exist; after it, it is complete; a rerun refills the partial shard, skips
 committed keys, so no key is ever stored twice); a crash while creating the store
 (no group `zarr.json`: no store; the rerun creates it); two builds of one store (the
-second fails at its first commit); readers at any instant (they see a prefix of whole
+second stops at its first claim, before writing; a build started after another was
+killed takes over its claims); readers at any instant (they see a prefix of whole
 shards). Local writes go through zarr's LocalStore (a temporary file renamed into place)
 and a killed writer's temporary files are deleted by the next writer.
 `--overwrite` deletes the old store first, commit records first (readers see whole shards
@@ -83,6 +92,7 @@ __all__ = [
     "RowBatch",
     "StoreWriter",
     "as_location",
+    "disk_usage",
     "engine_order",
     "open_store",
     "open_store_writer",
@@ -113,6 +123,12 @@ def open_store(
     location = as_location(where, storage_options)
     fmt = location.format
     if location.is_local and not os.path.lexists(location.url):
+        stage = location.url + ".featstore-stage.zarr"
+        if fmt == "hdf5" and os.path.lexists(stage):
+            raise StoreError(
+                f"no store at {location} yet: a first build is in progress (or was interrupted; "
+                f"its rows are staged in {os.path.basename(stage)} and the file is written when it ends)"
+            )
         raise StoreError(f"no store at {location}")
     if fmt == "zarr":
         from featstore.store._zarr import ZarrFeatureStore
@@ -132,6 +148,26 @@ def _check_remote(location: Location) -> None:
     if blobs.read("zarr.json") is None:
         blobs.check_reachable()  # names a missing bucket or refused credentials
         raise StoreError(f"no store at {location}")
+
+
+def disk_usage(where: str | os.PathLike[str] | Location) -> tuple[int, int]:
+    """(bytes, objects) a store takes up: files on disk, or objects under its prefix."""
+    location = as_location(where)
+    if not location.is_local:
+        from featstore.store._blobs import RemoteBlobs
+
+        blobs = RemoteBlobs(location)
+        sizes = blobs.fs.du(blobs.root, total=False)
+        return sum(sizes.values()), len(sizes)
+    path = location.path
+    if path.is_file():
+        return path.stat().st_size, 1
+    total = files = 0
+    for dirpath, _, names in os.walk(path):
+        for n in names:
+            total += os.path.getsize(os.path.join(dirpath, n))
+            files += 1
+    return total, files
 
 
 def engine_order(engine: str | Sequence[str]) -> tuple[str, ...]:

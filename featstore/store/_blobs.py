@@ -63,6 +63,21 @@ class Blobs(ABC):
     def read_tail(self, key: str, nbytes: int) -> tuple[bytes, int]:
         """The last `nbytes` of the object and its size. FileNotFoundError if absent."""
 
+    def read_tails(self, keys: Sequence[str], nbytes: int) -> list[tuple[bytes, int | None] | None]:
+        """`read_tail` of several objects at once (None for absent ones; the size when known)."""
+        out: list[tuple[bytes, int | None] | None] = []
+        for k in keys:
+            try:
+                out.append(self.read_tail(k, nbytes))
+            except FileNotFoundError:
+                out.append(None)
+        return out
+
+    def read_runs(self, requests: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray, int]]) -> None:
+        """Several `read_into(key, out, at, offsets, row_bytes)` at once."""
+        for key, out, at, offsets, row_bytes in requests:
+            self.read_into(key, out, at, offsets, row_bytes)
+
     @abstractmethod
     def write_many(self, objects: Mapping[str, bytes | memoryview]) -> None:
         """Write each object whole (atomically per object), all at once."""
@@ -335,6 +350,51 @@ class RemoteBlobs(Blobs):
                 raise CorruptStoreError(f"{path}: {(b - a) * row_bytes} bytes expected, got {len(data)}")
             first = int(at[a])
             flat[first : first + b - a] = np.frombuffer(data, dtype=np.uint8).reshape(b - a, -1)
+
+    def read_tails(self, keys: Sequence[str], nbytes: int) -> list[tuple[bytes, int | None] | None]:
+        if not keys:
+            return []
+        try:  # suffix ranges ("bytes=-N"): no HEAD request first
+            got = self.fs.cat_ranges([self._path(k) for k in keys], [-nbytes] * len(keys), [None] * len(keys))
+        except Exception as e:
+            raise self._error(e, "read shard indexes") from None
+        out: list[tuple[bytes, int | None] | None] = []
+        for k, data in zip(keys, got, strict=True):
+            if isinstance(data, FileNotFoundError):
+                out.append(None)
+            elif isinstance(data, BaseException):
+                raise self._error(data, f"read {k}")
+            else:
+                out.append((bytes(data), None))
+        return out
+
+    def read_runs(self, requests: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray, int]]) -> None:
+        """Every run of every request as one concurrent `cat_ranges` call."""
+        paths: list[str] = []
+        starts: list[int] = []
+        ends: list[int] = []
+        places: list[tuple[np.ndarray, int, int, int]] = []  # (flat out, first row, rows, row_bytes)
+        for key, out, at, offsets, row_bytes in requests:
+            if len(at) == 0:
+                continue
+            flat = out.reshape(len(out), -1).view(np.uint8)
+            for a, b in _runs(at, offsets, row_bytes):
+                paths.append(self._path(key))
+                starts.append(int(offsets[a]))
+                ends.append(int(offsets[a]) + (b - a) * row_bytes)
+                places.append((flat, int(at[a]), b - a, row_bytes))
+        if not paths:
+            return
+        try:
+            parts = self.fs.cat_ranges(paths, starts, ends)
+        except Exception as e:
+            raise self._error(e, "read rows") from None
+        for path, (flat, first, rows, row_bytes), data in zip(paths, places, parts, strict=True):
+            if isinstance(data, BaseException):
+                raise self._error(data, f"read {path}")
+            if len(data) != rows * row_bytes:
+                raise CorruptStoreError(f"{path}: {rows * row_bytes} bytes expected, got {len(data)}")
+            flat[first : first + rows] = np.frombuffer(data, dtype=np.uint8).reshape(rows, -1)
 
     def size(self, key: str) -> int | None:
         try:

@@ -74,31 +74,27 @@ class ShardedRows:
     def key(self, shard: int) -> str:
         return f"{self.array}/{chunk_key(self.meta, (shard, *self._key_tail))}"
 
-    def _index(self, shard: int) -> np.ndarray | None:
-        """The shard's (rows, 2) index of (offset, length), or None if the shard was never written."""
-        if shard in self._indexes:
-            self._indexes.move_to_end(shard)
-            return self._indexes[shard]
-        key = self.key(shard)
-        try:
-            if self.index_at_end:
-                raw, size = self.blobs.read_tail(key, self.index_bytes)
-            else:
-                raw = self.blobs.read(key) or b""
-                size = len(raw)
-                raw = raw[: self.index_bytes]
-        except FileNotFoundError:
-            index = None
+    def _load_indexes(self, shards: list[int]) -> None:
+        """Read the indexes of these shards (not yet cached) together: one request each, concurrent."""
+        missing = [sh for sh in shards if sh not in self._indexes]
+        if missing and self.index_at_end:
+            got = self.blobs.read_tails([self.key(sh) for sh in missing], self.index_bytes)
         else:
-            index = self._decode_index(raw, size, f"{self.blobs.location}/{key}")
-        self._indexes[shard] = index
-        while len(self._indexes) > OPEN_SHARDS:
+            got = []
+            for sh in missing:
+                raw = self.blobs.read(self.key(sh))
+                got.append(None if raw is None else (raw[: self.index_bytes], len(raw)))
+        for sh, tail in zip(missing, got, strict=True):
+            name = f"{self.blobs.location}/{self.key(sh)}"
+            self._indexes[sh] = None if tail is None else self._decode_index(tail[0], tail[1], name)
+        for sh in shards:
+            self._indexes.move_to_end(sh)
+        while len(self._indexes) > max(OPEN_SHARDS, len(shards)):
             self._indexes.popitem(last=False)
-        return index
 
-    def _decode_index(self, raw: bytes, size: int, name: str) -> np.ndarray:
+    def _decode_index(self, raw: bytes, size: int | None, name: str) -> np.ndarray:
         if len(raw) < self.index_bytes:
-            raise CorruptStoreError(f"{name}: {size} bytes, shorter than its shard index ({self.index_bytes})")
+            raise CorruptStoreError(f"{name}: {len(raw)} bytes, shorter than its shard index ({self.index_bytes})")
         body = raw[: self.shard_rows * 16]
         if self.checksum:
             import google_crc32c  # a dependency of zarr
@@ -107,8 +103,9 @@ class ShardedRows:
                 raise CorruptStoreError(f"{name}: shard index checksum mismatch (damaged shard)")
         index = np.frombuffer(body, dtype="<u8").reshape(self.shard_rows, 2)
         written = index[:, 0] != EMPTY
-        bad = written & ((index[:, 1] != self.row_bytes) | (index[:, 0] + index[:, 1] > size))
-        if bad.any():
+        # Without the object's size (a suffix read), a row beyond its end shows as a short read.
+        end = index[:, 0] + index[:, 1] > (size if size is not None else 2**63)
+        if (written & ((index[:, 1] != self.row_bytes) | end)).any():
             raise CorruptStoreError(f"{name}: shard index points outside the file or at rows of the wrong size")
         return index
 
@@ -128,14 +125,16 @@ class ShardedRows:
         self._indexes.pop(shard, None)
 
     def read(self, indices: np.ndarray, out: np.ndarray) -> None:
-        """out[k] = row indices[k] (physical rows, sorted ascending)."""
+        """out[k] = row indices[k] (physical rows, sorted ascending): the shards' indexes
+        first (together), then every run of rows of every shard (together)."""
         shard_of = indices // self.shard_rows
         bounds = np.flatnonzero(np.diff(shard_of)) + 1
-        for part in np.split(np.arange(len(indices)), bounds):
-            if len(part) == 0:
-                continue
-            shard = int(shard_of[part[0]])
-            index = self._index(shard)
+        parts = [p for p in np.split(np.arange(len(indices)), bounds) if len(p)]
+        shards = [int(shard_of[p[0]]) for p in parts]
+        self._load_indexes(shards)
+        requests = []
+        for shard, part in zip(shards, parts, strict=True):
+            index = self._indexes[shard]
             if index is None:  # a shard of only fill values is not written
                 out[part] = self.fill
                 continue
@@ -146,10 +145,11 @@ class ShardedRows:
                 part, offsets = part[~empty], offsets[~empty]
             offsets = offsets.astype(np.int64)
             order = np.argsort(offsets, kind="stable")
-            try:
-                self.blobs.read_into(self.key(shard), out, part[order], offsets[order], self.row_bytes)
-            except FileNotFoundError:
-                raise CorruptStoreError(f"{self.blobs.location}: shard {self.key(shard)} vanished") from None
+            requests.append((self.key(shard), out, part[order], offsets[order], self.row_bytes))
+        try:
+            self.blobs.read_runs(requests)
+        except FileNotFoundError:
+            raise CorruptStoreError(f"{self.blobs.location}: a shard of {self.array} vanished") from None
 
     def close(self) -> None:
         self._indexes.clear()

@@ -100,6 +100,10 @@ def open_store_writer(
     try:
         sink = _sink_class(fmt)(location, info, version=featstore_version, overwrite=overwrite, shard_rows=rows)
     except OSError as e:
+        if location.is_local and not os.path.isdir(location.url):  # it could not even be created
+            raise OutputError(
+                f"cannot create {location}: the folder {location.path.parent} cannot be written ({e.strerror or e})"
+            ) from None
         raise OutputError(f"cannot write {location}: {e}") from None
     return StoreWriter(location, info, sink)
 
