@@ -40,6 +40,12 @@ class ClipOutput(StrEnum):
     projected = "projected"
 
 
+class Norm(StrEnum):
+    model = "model"
+    none = "none"
+    plain = "plain"
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"featstore {__version__}")
@@ -105,8 +111,13 @@ def _progress_factory(quiet: bool) -> Any:
 def build(
     input: Annotated[Path, typer.Option("--input", "-i", help="Folder of images (searched recursively).")],
     model: Annotated[
-        str, typer.Option("--model", "-m", help="Registered name (see `featstore models`), HF repo id, folder or .pt.")
-    ],
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Registered name (see `featstore models`), HF repo id, folder or .pt. With --preset: its weights.",
+        ),
+    ] = None,
     npy_dir: Annotated[
         Path | None,
         typer.Option(
@@ -117,7 +128,11 @@ def build(
         Path | None, typer.Option("--store", help="Write a feature store: PATH.zarr (Zarr v3) or PATH.h5 (HDF5).")
     ] = None,
     size: Annotated[
-        int | None, typer.Option(help="Input resolution (a multiple of the patch size). Default: the model's.")
+        int | None,
+        typer.Option(
+            help="Input resolution (a multiple of the patch size). Default: the model's, the size column of "
+            "`featstore models` (224 for most; 336, 384 or 512 where the name says so)."
+        ),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N. auto picks CUDA when present.")] = "auto",
     precision: Annotated[
@@ -133,6 +148,29 @@ def build(
     clip_output: Annotated[
         ClipOutput, typer.Option(help="CLIP only. raw: last block; projected: ln_post + proj + L2 per patch.")
     ] = ClipOutput.raw,
+    preset: Annotated[
+        str | None,
+        typer.Option(help="Reproduce a published extractor exactly: trellis or trellis2 (see `featstore models`)."),
+    ] = None,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            help="hidden_states to store, e.g. -1 or 4,11,17,23 (0 = embeddings, -1 = last block before the "
+            "final norm). Several: rows of (L, C, g, g). Default: the family's standard output."
+        ),
+    ] = None,
+    norm: Annotated[
+        Norm | None,
+        typer.Option(help="For --layers: model (the final norm), none, or plain (layer norm without weights)."),
+    ] = None,
+    embedding: Annotated[
+        bool | None,
+        typer.Option(
+            "--embedding/--no-embedding",
+            help="Store a pooled embedding per image (CLIP image_embeds, DINO CLS, SigLIP pooled). "
+            "Default: on for stores; --npy-dir writes NAME_embedding.npy only with --embedding.",
+        ),
+    ] = None,
     max_pixels: Annotated[
         int, typer.Option(min=1, help="Refuse images with more pixels than this (decompression bombs).")
     ] = 178_956_970,
@@ -145,6 +183,7 @@ def build(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Encode every image under --input; skips images already done (resume by re-running)."""
+    from featstore.models import parse_layers
     from featstore.pipeline import BuildOptions
     from featstore.pipeline import build as run_build
 
@@ -162,6 +201,10 @@ def build(
         recursive=recursive,
         max_pixels=max_pixels,
         compile=compile,
+        layers=parse_layers(layers) if layers is not None else None,
+        norm=norm.value if norm else None,
+        preset=preset,
+        embedding=embedding,
     )
     result = run_build(
         input, options, npy_dir=npy_dir, store=store, save_meta=save_meta, progress_factory=_progress_factory(quiet)
@@ -177,17 +220,11 @@ def build(
 
 @app.command()
 def models() -> None:
-    """List the registered model names with their shapes at --size 224."""
-    from featstore.models import REGISTRY
+    """List the registered model names and presets with their default --size and shapes."""
+    from featstore.models import models_table
 
-    header = f"{'name':<36} {'family':<7} {'patch':>5} {'native':>6} {'channels':>8} {'grid@224':>8}  shape@224"
-    typer.echo(header)
-    for spec in REGISTRY.values():
-        g = 224 // spec.patch_size
-        typer.echo(
-            f"{spec.name:<36} {spec.family:<7} {spec.patch_size:>5} {spec.native_size:>6} "
-            f"{spec.hidden_dim:>8} {f'{g}x{g}':>8}  ({spec.hidden_dim}, {g}, {g})"
-        )
+    for line in models_table():
+        typer.echo(line.rstrip())
 
 
 try:  # the store commands live beside the store code

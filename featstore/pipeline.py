@@ -26,10 +26,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from featstore.batches import EncodedBatch, EncodingInfo, Failure, ImageBatch, ImageItem, Sample, Writer
-from featstore.encoder import Encoder, PatchEncoder
+from featstore.encoder import Encoded, Encoder, PatchEncoder, encode_with_embedding
 from featstore.errors import ConfigError, OutputError
-from featstore.images import DEFAULT_MAX_PIXELS, discover, load_sample, output_collisions, unusable_names
-from featstore.loading import LoadedModel, load_model
+from featstore.images import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_PREPROCESS,
+    Preprocess,
+    discover,
+    load_sample,
+    output_collisions,
+    unusable_names,
+)
+from featstore.loading import LoadedModel, check_preset_options, load_model
 from featstore.npy import NpyWriter
 
 ProgressFn = Callable[[int, int], None]  # (images done in this step, failures in this step)
@@ -40,7 +48,7 @@ ProgressFn = Callable[[int, int], None]  # (images done in this step, failures i
 
 @dataclass(frozen=True, slots=True)
 class BuildOptions:
-    model: str
+    model: str | None = None  # optional with a preset (then it replaces only the weights)
     size: int | None = None
     device: str = "auto"
     precision: str | None = None  # fp32 | fp16 | bf16; None: fp16 on CUDA, fp32 on CPU
@@ -51,6 +59,10 @@ class BuildOptions:
     recursive: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS
     compile: bool = False  # torch.compile the model (CUDA: worth it for long runs)
+    layers: tuple[int, ...] | None = None  # hidden_states indices; None: the family's standard output
+    norm: str | None = None  # model | none | plain; None: what the family's standard output applies
+    preset: str | None = None  # a preset registry entry (trellis, trellis2)
+    embedding: bool | None = None  # pooled embedding beside the maps; None: on when the model has one
 
 
 @dataclass(slots=True)
@@ -115,14 +127,19 @@ def default_workers(device: torch.device) -> int:
 
 
 class _ImageDataset(Dataset[Sample]):
-    def __init__(self, items: Sequence[ImageItem], size: int, grid: int, max_pixels: int) -> None:
+    def __init__(
+        self, items: Sequence[ImageItem], size: int, grid: int, max_pixels: int, preprocess: Preprocess
+    ) -> None:
         self.items, self.size, self.grid, self.max_pixels = list(items), size, grid, max_pixels
+        self.preprocess = preprocess
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> Sample:
-        return load_sample(self.items[i], size=self.size, grid=self.grid, max_pixels=self.max_pixels)
+        return load_sample(
+            self.items[i], size=self.size, grid=self.grid, max_pixels=self.max_pixels, preprocess=self.preprocess
+        )
 
 
 def _collate(samples: list[Sample]) -> ImageBatch:
@@ -137,10 +154,18 @@ def _collate(samples: list[Sample]) -> ImageBatch:
 
 
 def image_batches(
-    items: Sequence[ImageItem], *, size: int, grid: int, batch_size: int, workers: int, pin: bool, max_pixels: int
+    items: Sequence[ImageItem],
+    *,
+    size: int,
+    grid: int,
+    batch_size: int,
+    workers: int,
+    pin: bool,
+    max_pixels: int,
+    preprocess: Preprocess = DEFAULT_PREPROCESS,
 ) -> Iterator[ImageBatch]:
     loader = DataLoader(
-        _ImageDataset(items, size, grid, max_pixels),
+        _ImageDataset(items, size, grid, max_pixels, preprocess),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=_collate,
@@ -160,15 +185,24 @@ def _is_oom(e: BaseException) -> bool:
 
 def encode_splitting(encoder: Encoder, pixels: torch.Tensor) -> torch.Tensor:
     """Encode a batch; on out-of-memory, encode its halves instead (down to one image)."""
+    return encode_splitting_with_embedding(encoder, pixels)[0]
+
+
+def encode_splitting_with_embedding(encoder: Encoder, pixels: torch.Tensor) -> Encoded:
+    """`encode_splitting` giving (features, embedding or None)."""
     try:
-        return encoder.encode(pixels)
+        return encode_with_embedding(encoder, pixels)
     except RuntimeError as e:
         if not _is_oom(e) or len(pixels) == 1:
             raise
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     half = len(pixels) // 2
-    return torch.cat([encode_splitting(encoder, pixels[:half]), encode_splitting(encoder, pixels[half:])])
+    (fa, ea), (fb, eb) = (
+        encode_splitting_with_embedding(encoder, pixels[:half]),
+        encode_splitting_with_embedding(encoder, pixels[half:]),
+    )
+    return torch.cat([fa, fb]), (None if ea is None or eb is None else torch.cat([ea, eb]))
 
 
 # ---------------------------------------------------------------- writer thread
@@ -251,6 +285,7 @@ def run(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     failures: Sequence[Failure] = (),
     progress: ProgressFn | None = None,
+    preprocess: Preprocess = DEFAULT_PREPROCESS,
 ) -> tuple[int, list[Failure]]:
     """Encode `items` and feed every writer; returns (encoded count, failures).
 
@@ -268,15 +303,23 @@ def run(
             workers=workers,
             pin=encoder.device.type == "cuda",
             max_pixels=max_pixels,
+            preprocess=preprocess,
         )
         for batch in batches:
             all_failures.extend(batch.failures)
             if batch.items:
-                host = _to_host(encode_splitting(encoder, batch.pixels))
+                features, embedding = encode_splitting_with_embedding(encoder, batch.pixels)
+                host = _to_host(features)
+                host_emb = _to_host(embedding) if embedding is not None else None
                 b = batch
 
-                def job(b: ImageBatch = b, host: Callable[[], np.ndarray] = host) -> EncodedBatch:
-                    return EncodedBatch(b.items, host(), b.masks, b.orig_size_hw)
+                def job(
+                    b: ImageBatch = b,
+                    host: Callable[[], np.ndarray] = host,
+                    host_emb: Callable[[], np.ndarray] | None = host_emb,
+                ) -> EncodedBatch:
+                    emb = host_emb() if host_emb is not None else None
+                    return EncodedBatch(b.items, host(), b.masks, b.orig_size_hw, embedding=emb)
 
                 thread.put(job)
                 encoded += len(batch.items)
@@ -294,20 +337,7 @@ def run(
 
 
 def encoding_info(loaded: LoadedModel, encoder: PatchEncoder, model_name: str) -> EncodingInfo:
-    spec = loaded.spec
-    return EncodingInfo(
-        model=model_name,
-        model_source=loaded.source,
-        family=spec.family,
-        feature_type=spec.feature_type(encoder.clip_output),
-        clip_output=encoder.clip_output,
-        size=encoder.size,
-        grid=encoder.grid,
-        hidden_dim=encoder.out_dim,
-        dtype="float32" if encoder.store_dtype == torch.float32 else "float16",
-        mean=spec.mean,
-        std=spec.std,
-    )
+    return encoder.info(model_name, loaded.source)
 
 
 def build(
@@ -336,7 +366,8 @@ def build(
     items = discover(input_dir, recursive=options.recursive)
 
     if loaded is None:
-        loaded = load_model(options.model, clip_output=options.clip_output)
+        loaded = load_model(options.model, clip_output=options.clip_output, preset=options.preset)
+    check_preset_options(loaded.spec, size=options.size, layers=options.layers, norm=options.norm)
     size = options.size or loaded.spec.default_size
     loaded.spec.grid(size)  # refuses sizes that are not a multiple of the patch
     encoder = PatchEncoder(
@@ -346,8 +377,11 @@ def build(
         precision=precision,
         clip_output=options.clip_output,
         compile=options.compile,
+        layers=options.layers,
+        norm=options.norm,
+        embedding=options.embedding,
     )
-    info = encoding_info(loaded, encoder, options.model)
+    info = encoding_info(loaded, encoder, options.model or loaded.spec.name)
 
     writers: list[Writer] = []
     try:
@@ -356,7 +390,11 @@ def build(
 
             writers.append(open_store_writer(Path(store), info, overwrite=options.overwrite))
         if npy_dir is not None:
-            writers.append(NpyWriter(Path(npy_dir), info, save_meta=save_meta, overwrite=options.overwrite))
+            # per-image files keep the reference layout: `_embedding.npy` only when asked for
+            embedding = options.embedding is True
+            writers.append(
+                NpyWriter(Path(npy_dir), info, save_meta=save_meta, overwrite=options.overwrite, embedding=embedding)
+            )
     except OSError as e:
         raise output_error(e) from None
 
@@ -395,6 +433,7 @@ def build(
                 max_pixels=options.max_pixels,
                 failures=failures,
                 progress=update,
+                preprocess=loaded.spec.preprocess,
             )
     except OSError as e:
         raise output_error(e) from None
