@@ -216,14 +216,16 @@ def open_image(path: str, *, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     return (_opaque_rgba(pixels) if isinstance(pixels, Image.Image) else pixels), hw
 
 
-def _decode(path: str, *, size: int, max_pixels: int) -> tuple[np.ndarray | Image.Image, tuple[int, int]]:
+def _decode(
+    path: str, *, size: int, max_pixels: int, draft: bool = True
+) -> tuple[np.ndarray | Image.Image, tuple[int, int]]:
     """Decode to RGBA uint8 (H, W, 4), or to an RGB image when the file has no transparency,
     and the size (H, W) before any resizing.
 
     Refuses (ImageError) anything that is not a decodable image, and images over
     `max_pixels` before decoding them (their header gives the size). JPEGs much larger
     than `size` are decoded at a reduced scale (`Image.draft`, DCT scaling by a power
-    of two, never below `size` on the shorter side).
+    of two, never below `size` on the shorter side) unless `draft` is off.
     """
     _check_file(path)
     try:
@@ -244,7 +246,7 @@ def _decode(path: str, *, size: int, max_pixels: int) -> tuple[np.ndarray | Imag
                 orientation = im.getexif().get(0x0112, 1)
                 if orientation in (5, 6, 7, 8):
                     h, w = w, h
-                if im.format == "JPEG" and min(w, h) >= 2 * size:
+                if draft and im.format == "JPEG" and min(w, h) >= 2 * size:
                     im.draft(im.mode, (size, size))
                 im.seek(0)  # first frame of animations and multi-page files
                 im.load()
@@ -357,8 +359,10 @@ def load_sample(
 ) -> Sample:
     """Everything the worker does for one image; failures become a Sample with `error`."""
     try:
-        pixels, orig_hw = _decode(item.path, size=size, max_pixels=max_pixels)
-        if preprocess.premultiply == "float":
+        # exact presets decode at full scale, as the scripts they reproduce do
+        exact = preprocess.premultiply == "float"
+        pixels, orig_hw = _decode(item.path, size=size, max_pixels=max_pixels, draft=not exact)
+        if exact:
             im = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels, "RGBA")
             rgb, alpha = float_premultiplied(im, size, preprocess)
             mask = np.ones((grid, grid), np.uint8) if alpha is None else patch_mask(alpha, grid)

@@ -141,6 +141,7 @@ def _resolve(name: str) -> tuple[ModelSpec, str]:
     else:
         from transformers import AutoConfig
 
+        _quiet_transformers()
         try:
             with _quiet_hub():
                 cfg = AutoConfig.from_pretrained(name, trust_remote_code=False).to_dict()

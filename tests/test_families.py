@@ -348,3 +348,54 @@ def test_full_size_architectures_of_the_new_families(name):
     g = size // spec.patch_size
     assert feats.shape == (1, spec.hidden_dim, g, g) and torch.isfinite(feats).all()
     assert emb is not None and emb.shape == (1, spec.embedding_dim())
+
+
+@pytest.mark.slow
+def test_unreachable_hub_is_one_line_without_retry_chatter(image_dir, tmp_path):
+    """A hub that refuses connections: huggingface_hub retries with back-off (its warnings
+    would print "Retrying in Ns" a dozen times); featstore prints one line at the end."""
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"), PYTHONPATH="."
+    )
+    p = subprocess.run(
+        [sys.executable, "-m", "featstore", "build", "-i", str(image_dir), "--npy-dir", str(tmp_path / "o")]
+        + ["-m", "someone/some-vit", "-q"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "cannot load model 'someone/some-vit'" in lines[0], p.stderr
+    assert "Retrying" not in p.stderr and "set HF_HUB_OFFLINE=1" in lines[0]
+
+
+def test_size_default_agrees_between_help_table_and_code(tiny_models, image_dir, tmp_path):
+    from featstore.models import models_table
+    from featstore.pipeline import BuildOptions, build
+
+    rows = {line.split()[0]: line.split()[3] for line in models_table()[1:]}
+    assert all(rows[name] == str(spec.default_size) for name, spec in REGISTRY.items())
+    assert rows["facebook/dinov2-large"] == "224" and rows["ViT-L/14@336px"] == "336"
+    help_text = " ".join(_cli("build", "--help").stdout.replace("│", " ").split())
+    assert "Default: the size column of `featstore models`" in help_text
+    result = build(image_dir, BuildOptions(model=tiny_models["siglip"], device="cpu", workers=0), npy_dir=tmp_path)
+    assert result.info.size == load_model(tiny_models["siglip"]).spec.default_size == 32
+
+
+@pytest.mark.slow
+def test_families_benchmark_smoke(tmp_path):
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "families.json"
+    p = subprocess.run(
+        [sys.executable, "benchmarks/families.py", "--tiny", "--device", "cpu", "--images", "2", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=repo,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(repo)),
+    )
+    assert p.returncode == 0, p.stderr
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["model"] for r in runs] == ["facebook/dinov3-vitl16-pretrain-lvd1689m", "google/siglip2-so400m-patch16-512"]
+    for r in runs:
+        assert r["end_to_end_with_embedding"]["images"] == 2 and r["model_only_with_embedding"]["best_images_per_s"] > 0
