@@ -350,6 +350,9 @@ def test_full_size_architectures_of_the_new_families(name):
     assert emb is not None and emb.shape == (1, spec.embedding_dim())
 
 
+NOWHERE = ["-m", "someone/some-vit", "-q"]
+
+
 @pytest.mark.slow
 def test_unreachable_hub_is_one_line_without_retry_chatter(image_dir, tmp_path):
     """A hub that refuses connections: huggingface_hub retries with back-off (its warnings
@@ -358,8 +361,7 @@ def test_unreachable_hub_is_one_line_without_retry_chatter(image_dir, tmp_path):
         os.environ, HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"), PYTHONPATH="."
     )
     p = subprocess.run(
-        [sys.executable, "-m", "featstore", "build", "-i", str(image_dir), "--npy-dir", str(tmp_path / "o")]
-        + ["-m", "someone/some-vit", "-q"],
+        [sys.executable, "-m", "featstore", "build", "-i", str(image_dir), "--npy-dir", str(tmp_path / "o"), *NOWHERE],
         capture_output=True,
         text=True,
         env=env,
@@ -396,6 +398,9 @@ def test_families_benchmark_smoke(tmp_path):
     )
     assert p.returncode == 0, p.stderr
     runs = json.loads(out.read_text())["runs"]
-    assert [r["model"] for r in runs] == ["facebook/dinov3-vitl16-pretrain-lvd1689m", "google/siglip2-so400m-patch16-512"]
+    assert [r["model"] for r in runs] == [
+        "facebook/dinov3-vitl16-pretrain-lvd1689m",
+        "google/siglip2-so400m-patch16-512",
+    ]
     for r in runs:
         assert r["end_to_end_with_embedding"]["images"] == 2 and r["model_only_with_embedding"]["best_images_per_s"] > 0
