@@ -87,25 +87,33 @@ def _clear(path: Path) -> None:
 
 @contextmanager
 def encode_timer(device: torch.device) -> Iterator[dict[str, float] | None]:
-    """Seconds spent inside `PatchEncoder.encode` (CPU only: on CUDA the calls return before the work is done)."""
+    """Seconds spent inside `PatchEncoder.encode` / `encode_batch` (CPU only: on CUDA the
+    calls return before the work is done)."""
     if device.type != "cpu":
         yield None
         return
-    original = PatchEncoder.encode
+    originals = {name: getattr(PatchEncoder, name) for name in ("encode", "encode_batch")}
     spent = {"seconds": 0.0}
 
-    def timed(self: PatchEncoder, pixels: torch.Tensor) -> torch.Tensor:
-        t0 = time.perf_counter()
-        try:
-            return original(self, pixels)
-        finally:
-            spent["seconds"] += time.perf_counter() - t0
+    def timed(name: str) -> Any:
+        original = originals[name]
 
-    PatchEncoder.encode = timed  # type: ignore[method-assign]
+        def call(self: PatchEncoder, pixels: torch.Tensor) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return original(self, pixels)
+            finally:
+                spent["seconds"] += time.perf_counter() - t0
+
+        return call
+
+    for name in originals:  # encode_batch: builds that keep the pooled embedding
+        setattr(PatchEncoder, name, timed(name))
     try:
         yield spent
     finally:
-        PatchEncoder.encode = original  # type: ignore[method-assign]
+        for name, original in originals.items():
+            setattr(PatchEncoder, name, original)
 
 
 def end_to_end(input_dir: Path, out: Path, kind: str, options: BuildOptions, loaded: LoadedModel) -> dict[str, Any]:

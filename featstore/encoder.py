@@ -38,8 +38,9 @@ class Encoder(Protocol):
 
 def encode_with_embedding(encoder: Encoder, pixels: torch.Tensor) -> Encoded:
     """Features and (when the encoder makes one) the pooled embedding of a batch."""
-    both = getattr(encoder, "encode_batch", None)  # fakes in tests may only have `encode`
-    return both(pixels) if both is not None else (encoder.encode(pixels), None)
+    if getattr(encoder, "embedding_dim", 0):  # fakes in tests may only have `encode`
+        return encoder.encode_batch(pixels)  # type: ignore[attr-defined]
+    return encoder.encode(pixels), None
 
 
 class PatchEncoder:

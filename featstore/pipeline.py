@@ -379,7 +379,8 @@ def build(
         compile=options.compile,
         layers=options.layers,
         norm=options.norm,
-        embedding=options.embedding,
+        # stores keep it by default; per-image files only when asked (--embedding)
+        embedding=options.embedding if store is not None else (options.embedding or False),
     )
     info = encoding_info(loaded, encoder, options.model or loaded.spec.name)
 
