@@ -404,3 +404,15 @@ def test_families_benchmark_smoke(tmp_path):
     ]
     for r in runs:
         assert r["end_to_end_with_embedding"]["images"] == 2 and r["model_only_with_embedding"]["best_images_per_s"] > 0
+
+
+def test_layers_norm_and_embedding_round_trip_through_store_attrs(tiny_models):
+    from featstore.batches import EncodingInfo
+
+    enc = PatchEncoder(load_model(tiny_models["dinov3"]), size=32, layers=(-2, 1), norm="plain", embedding=True)
+    info = enc.info("m", {"kind": "local", "id": "x"})
+    back = EncodingInfo.from_attrs(info.to_attrs())
+    assert back == info and (back.layers, back.norm, back.embedding_dim) == ((-2, 1), "plain", 32)
+    assert "layers" in EncodingInfo.COMPATIBILITY_FIELDS and "norm" in EncodingInfo.COMPATIBILITY_FIELDS
+    standard = PatchEncoder(load_model(tiny_models["dinov3"]), size=32).info("m", {})
+    assert "layers" not in standard.to_attrs() and "embedding_dim" not in standard.to_attrs()  # as stores made before
