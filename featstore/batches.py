@@ -35,7 +35,7 @@ class Sample:
     """One decoded, preprocessed image, or the reason it could not be."""
 
     item: ImageItem
-    pixels: np.ndarray | None = None  # (size, size, 3) uint8, premultiplied RGB
+    pixels: np.ndarray | None = None  # (size, size, 3) premultiplied RGB: uint8, or float32 in [0, 1]
     mask: np.ndarray | None = None  # (grid, grid) uint8
     orig_size_hw: tuple[int, int] = (0, 0)
     error: str | None = None
@@ -44,7 +44,7 @@ class Sample:
 @dataclass(slots=True)
 class ImageBatch:
     items: list[ImageItem]
-    pixels: Any  # torch.Tensor (B, size, size, 3) uint8
+    pixels: Any  # torch.Tensor (B, size, size, 3) uint8 (float32 for float-premultiplied presets)
     masks: np.ndarray  # (B, grid, grid) uint8
     orig_size_hw: np.ndarray  # (B, 2) int32
     failures: list[Failure] = field(default_factory=list)
@@ -61,7 +61,7 @@ class EncodedBatch:
     """Features of a batch, on the host, ready to be written."""
 
     items: list[ImageItem]
-    features: np.ndarray  # (B, C, grid, grid) float16 or float32
+    features: np.ndarray  # (B, C, grid, grid) or (B, L, C, grid, grid), float16 or float32
     masks: np.ndarray  # (B, grid, grid) uint8
     orig_size_hw: np.ndarray  # (B, 2) int32
     embedding: np.ndarray | None = None  # (B, E) pooled embedding, or None
@@ -93,15 +93,30 @@ class EncodingInfo:
     premultiply: str = "rgb = uint8(rgb/255 * alpha/255 * 255)"
     preprocessing: str = "opencv_alpha_multiplication"  # the reference's JSON value
     embedding_dim: int = 0  # width of the pooled embedding stored beside the maps; 0 = none
+    layers: tuple[int, ...] = ()  # hidden_states indices (--layers); () = the family's standard output
+    norm: str = ""  # model | none | plain (--norm); "" = the family's standard output
 
     # What must match for rows to be appended to an existing store.
-    COMPATIBILITY_FIELDS = ("family", "feature_type", "clip_output", "size", "grid", "hidden_dim", "dtype")
+    COMPATIBILITY_FIELDS = (
+        "family",
+        "feature_type",
+        "clip_output",
+        "size",
+        "grid",
+        "hidden_dim",
+        "dtype",
+        "layers",
+        "norm",
+    )
 
-    def feature_shape(self) -> tuple[int, int, int]:
+    def feature_shape(self) -> tuple[int, ...]:
+        """(C, g, g), or (L, C, g, g) when several layers are selected."""
+        if len(self.layers) > 1:
+            return (len(self.layers), self.hidden_dim, self.grid, self.grid)
         return (self.hidden_dim, self.grid, self.grid)
 
     def to_attrs(self) -> dict[str, Any]:
-        return {
+        attrs = {
             "model": self.model,
             "model_source": dict(self.model_source),
             "family": self.family,
@@ -119,6 +134,12 @@ class EncodingInfo:
                 "premultiply": self.premultiply,
             },
         }
+        if self.layers or self.norm:  # absent for the standard output, as in stores made before
+            attrs["layers"] = list(self.layers)
+            attrs["norm"] = self.norm
+        if self.embedding_dim:
+            attrs["embedding_dim"] = self.embedding_dim
+        return attrs
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> EncodingInfo:
@@ -135,7 +156,11 @@ class EncodingInfo:
             dtype=str(attrs["dtype"]),
             mean=tuple(float(x) for x in pre.get("mean", (0, 0, 0))),  # type: ignore[arg-type]
             std=tuple(float(x) for x in pre.get("std", (1, 1, 1))),  # type: ignore[arg-type]
+            **{k: str(pre[k]) for k in ("resize", "premultiply") if k in pre},
             preprocessing=str(pre.get("name", "opencv_alpha_multiplication")),
+            embedding_dim=int(attrs.get("embedding_dim", 0)),
+            layers=tuple(int(k) for k in attrs.get("layers", ())),
+            norm=str(attrs.get("norm", "")),
         )
 
     def image_json(self, item: ImageItem, orig_size_hw: Sequence[int]) -> dict[str, Any]:
@@ -152,6 +177,7 @@ class EncodingInfo:
             "preprocessing": self.preprocessing,
             "grid_size": self.grid,
             "hidden_dim": self.hidden_dim,
+            **({"layers": list(self.layers), "norm": self.norm} if self.layers or self.norm else {}),
         }
 
 

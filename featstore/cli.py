@@ -39,6 +39,12 @@ class ClipOutput(StrEnum):
     projected = "projected"
 
 
+class Norm(StrEnum):
+    model = "model"
+    none = "none"
+    plain = "plain"
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"featstore {__version__}")
@@ -121,8 +127,13 @@ def build(
     ctx: typer.Context,
     input: Annotated[Path, typer.Option("--input", "-i", help="Folder of images (searched recursively).")],
     model: Annotated[
-        str, typer.Option("--model", "-m", help="Registered name (see `featstore models`), HF repo id, folder or .pt.")
-    ],
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Registered name (see `featstore models`), HF repo id, folder or .pt. With --preset: its weights.",
+        ),
+    ] = None,
     npy_dir: Annotated[
         Path | None,
         typer.Option(
@@ -140,7 +151,11 @@ def build(
         typer.Option("--storage-option", help="KEY=VALUE for an s3:// store (e.g. endpoint_url=...); repeatable."),
     ] = None,
     size: Annotated[
-        int | None, typer.Option(help="Input resolution (a multiple of the patch size). Default: the model's.")
+        int | None,
+        typer.Option(
+            help="Input resolution (a multiple of the patch size). Default: the size column of `featstore models` "
+            "(the model's native resolution; 224 for DINOv2, whose native 518 costs 5x more)."
+        ),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N. auto picks CUDA when present.")] = "auto",
     precision: Annotated[
@@ -156,6 +171,29 @@ def build(
     clip_output: Annotated[
         ClipOutput, typer.Option(help="CLIP only. raw: last block; projected: ln_post + proj + L2 per patch.")
     ] = ClipOutput.raw,
+    preset: Annotated[
+        str | None,
+        typer.Option(help="Reproduce a published extractor exactly: trellis or trellis2 (see `featstore models`)."),
+    ] = None,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            help="hidden_states to store, e.g. -1 or 4,11,17,23 (0 = embeddings, -1 = last block before the "
+            "final norm). Several: rows of (L, C, g, g). Default: the family's standard output."
+        ),
+    ] = None,
+    norm: Annotated[
+        Norm | None,
+        typer.Option(help="For --layers: model (the final norm), none, or plain (layer norm without weights)."),
+    ] = None,
+    embedding: Annotated[
+        bool | None,
+        typer.Option(
+            "--embedding/--no-embedding",
+            help="Store a pooled embedding per image (CLIP image_embeds, DINO CLS, SigLIP pooled). "
+            "Default: on for stores; --npy-dir writes NAME_embedding.npy only with --embedding.",
+        ),
+    ] = None,
     max_pixels: Annotated[
         int, typer.Option(min=1, help="Refuse images with more pixels than this (decompression bombs).")
     ] = 178_956_970,
@@ -171,6 +209,7 @@ def build(
 
     Ctrl-C, SIGTERM or SIGHUP stop after the current batch, keeping what was encoded.
     """
+    from featstore.models import parse_layers
     from featstore.pipeline import BuildOptions
     from featstore.pipeline import build as run_build
 
@@ -188,6 +227,10 @@ def build(
         recursive=recursive,
         max_pixels=max_pixels,
         compile=compile,
+        layers=parse_layers(layers) if layers is not None else None,
+        norm=norm.value if norm else None,
+        preset=preset,
+        embedding=embedding,
     )
     from featstore.store.location import as_location, parse_storage_options
 
@@ -213,17 +256,11 @@ def build(
 
 @app.command()
 def models() -> None:
-    """List the registered model names with their shapes at --size 224."""
-    from featstore.models import REGISTRY
+    """List the registered model names and presets with their default --size and shapes."""
+    from featstore.models import models_table
 
-    header = f"{'name':<36} {'family':<7} {'patch':>5} {'native':>6} {'channels':>8} {'grid@224':>8}  shape@224"
-    typer.echo(header)
-    for spec in REGISTRY.values():
-        g = 224 // spec.patch_size
-        typer.echo(
-            f"{spec.name:<36} {spec.family:<7} {spec.patch_size:>5} {spec.native_size:>6} "
-            f"{spec.hidden_dim:>8} {f'{g}x{g}':>8}  ({spec.hidden_dim}, {g}, {g})"
-        )
+    for line in models_table():
+        typer.echo(line.rstrip())
 
 
 try:  # the store commands live beside the store code

@@ -163,6 +163,11 @@ def _info_from_meta(meta: dict[str, Any], model: str | None) -> EncodingInfo:
     )
     mean, std = CLIP_MEAN_STD if family == "clip" else IMAGENET_MEAN_STD
     name = model or str(meta.get("model", "unknown"))
+    from featstore.models import preprocessing_for  # the registry knows each family's preprocessing
+
+    known = preprocessing_for(name, feature_type)
+    if known is not None:
+        family, mean, std = known
     try:
         c, g = int(meta["hidden_dim"]), int(meta["grid_size"])
         return EncodingInfo(

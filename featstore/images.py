@@ -1,9 +1,10 @@
 """Finding images and turning one file into the encoder's input.
 
-Per image (SPEC.md, "Preprocessing"): decode keeping alpha (EXIF orientation applied),
-resize the shorter side to `size` with antialiased bicubic, center-crop `size x size`,
-premultiply RGB by alpha exactly as the reference does, and max-pool `alpha > 0` to
-the patch grid. Normalisation happens on the encoder's device.
+Per image: decode keeping alpha (EXIF orientation applied), resize as the model's
+`Preprocess` says (by default: the shorter side to `size` with antialiased bicubic,
+then a center crop of `size x size`; or the whole image squashed to `size x size`),
+premultiply RGB by alpha (by default exactly as the reference scripts do, in uint8),
+and max-pool `alpha > 0` to the patch grid. Normalisation happens on the encoder's device.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import stat
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,38 @@ from featstore.errors import ConfigError, ImageError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own bomb limit x2 (about 13,000 x 13,000)
+
+RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+# preprocessor_config.json stores Pillow's integer codes
+RESAMPLE_BY_PIL_CODE = {int(v): k for k, v in RESAMPLE.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Preprocess:
+    """How one image becomes the encoder's input (a model family's or preset's policy)."""
+
+    resize: str = "crop"  # crop: shorter side to size + center crop; squash: the whole image to size x size
+    resample: str = "bicubic"  # a key of RESAMPLE
+    # uint8: the reference scripts' truncating uint8(rgb * alpha), bands resized independently;
+    # float: Pillow's RGBA resize (colour weighted by alpha), then rgb * alpha in float32 (TRELLIS)
+    premultiply: str = "uint8"
+
+    def describe_resize(self) -> str:
+        if self.resize == "squash":
+            return f"squash to size x size, {self.resample} (antialiased)"
+        return f"shorter-side {self.resample} (antialiased), center crop"
+
+    def describe_premultiply(self) -> str:
+        if self.premultiply == "float":
+            return "rgb = float32(rgb)/255 * alpha/255 (after Pillow's RGBA resize)"
+        return "rgb = uint8(rgb/255 * alpha/255 * 255)"
+
+
+DEFAULT_PREPROCESS = Preprocess()
 
 # We check sizes ourselves (with a limit the user can raise), so Pillow's check is off.
 Image.MAX_IMAGE_PIXELS = None
@@ -182,14 +216,16 @@ def open_image(path: str, *, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     return (_opaque_rgba(pixels) if isinstance(pixels, Image.Image) else pixels), hw
 
 
-def _decode(path: str, *, size: int, max_pixels: int) -> tuple[np.ndarray | Image.Image, tuple[int, int]]:
+def _decode(
+    path: str, *, size: int, max_pixels: int, draft: bool = True
+) -> tuple[np.ndarray | Image.Image, tuple[int, int]]:
     """Decode to RGBA uint8 (H, W, 4), or to an RGB image when the file has no transparency,
     and the size (H, W) before any resizing.
 
     Refuses (ImageError) anything that is not a decodable image, and images over
     `max_pixels` before decoding them (their header gives the size). JPEGs much larger
     than `size` are decoded at a reduced scale (`Image.draft`, DCT scaling by a power
-    of two, never below `size` on the shorter side).
+    of two, never below `size` on the shorter side) unless `draft` is off.
     """
     _check_file(path)
     try:
@@ -210,7 +246,7 @@ def _decode(path: str, *, size: int, max_pixels: int) -> tuple[np.ndarray | Imag
                 orientation = im.getexif().get(0x0112, 1)
                 if orientation in (5, 6, 7, 8):
                     h, w = w, h
-                if im.format == "JPEG" and min(w, h) >= 2 * size:
+                if draft and im.format == "JPEG" and min(w, h) >= 2 * size:
                     im.draft(im.mode, (size, size))
                 im.seek(0)  # first frame of animations and multi-page files
                 im.load()
@@ -228,7 +264,7 @@ def _decode(path: str, *, size: int, max_pixels: int) -> tuple[np.ndarray | Imag
 MAX_RESIZED_SIDE = 64  # times `size`: longer resized sides are never materialised
 
 
-def resize_center_crop(rgba: np.ndarray, size: int) -> np.ndarray:
+def resize_center_crop(rgba: np.ndarray, size: int, resample: str = "bicubic") -> np.ndarray:
     """Shorter side to `size` (antialiased bicubic, per channel), then center crop.
 
     For extreme aspect ratios (the resized longer side over 64 x `size`: a 1 x 100000
@@ -239,11 +275,27 @@ def resize_center_crop(rgba: np.ndarray, size: int) -> np.ndarray:
     """
     if rgba.shape[:2] == (size, size):
         return rgba
-    return np.asarray(_resize_crop(_four_channels(rgba), size))
+    return np.asarray(_resize_crop(_four_channels(rgba), size, resample))
 
 
-def _resize_crop(im: Image.Image, size: int) -> Image.Image:
+def resize(rgba: np.ndarray, size: int, preprocess: Preprocess = DEFAULT_PREPROCESS) -> np.ndarray:
+    """`rgba` at `size x size` by the policy (every band resampled independently)."""
+    if rgba.shape[:2] == (size, size):
+        return rgba
+    return np.asarray(_resize(_four_channels(rgba), size, preprocess))
+
+
+def _resize(im: Image.Image, size: int, preprocess: Preprocess) -> Image.Image:
+    if im.size == (size, size):
+        return im
+    if preprocess.resize == "squash":
+        return im.resize((size, size), RESAMPLE[preprocess.resample])
+    return _resize_crop(im, size, preprocess.resample)
+
+
+def _resize_crop(im: Image.Image, size: int, resample: str = "bicubic") -> Image.Image:
     """`resize_center_crop` on a Pillow image (every band resampled independently)."""
+    method = RESAMPLE[resample]
     w, h = im.size
     if h == w:
         new_h = new_w = size
@@ -254,8 +306,8 @@ def _resize_crop(im: Image.Image, size: int) -> Image.Image:
     if max(new_h, new_w) > MAX_RESIZED_SIDE * size:
         sy, sx = h / new_h, w / new_w
         src_box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
-        return im.resize((size, size), Image.Resampling.BICUBIC, box=src_box)
-    return im.resize((new_w, new_h), Image.Resampling.BICUBIC).crop((left, top, left + size, top + size))
+        return im.resize((size, size), method, box=src_box)
+    return im.resize((new_w, new_h), method).crop((left, top, left + size, top + size))
 
 
 def _four_channels(rgba: np.ndarray) -> Image.Image:
@@ -279,6 +331,17 @@ def premultiply(rgba: np.ndarray) -> np.ndarray:
     return (rgb / 255 * alpha / 255 * 255).astype(np.uint8)
 
 
+def float_premultiplied(im: Image.Image, size: int, preprocess: Preprocess) -> tuple[np.ndarray, np.ndarray | None]:
+    """TRELLIS's lines: Pillow resizes the RGBA image (weighting colour by alpha), then
+    `rgb = float32(rgb) / 255 * alpha / 255`, not rounded to uint8. Returns the float32
+    (size, size, 3) RGB and the resized alpha (None for opaque images)."""
+    resized = np.asarray(_resize(im, size, preprocess))
+    f = resized.astype(np.float32) / 255
+    if resized.shape[2] == 3:
+        return np.ascontiguousarray(f), None
+    return np.ascontiguousarray(f[:, :, :3] * f[:, :, 3:]), resized[..., 3]
+
+
 def patch_mask(alpha: np.ndarray, grid: int) -> np.ndarray:
     """1 where any pixel of a patch is visible (alpha > 0): max-pool to (grid, grid)."""
     size = alpha.shape[0]
@@ -286,16 +349,30 @@ def patch_mask(alpha: np.ndarray, grid: int) -> np.ndarray:
     return (alpha > 0).reshape(grid, p, grid, p).any(axis=(1, 3)).astype(np.uint8)
 
 
-def load_sample(item: ImageItem, *, size: int, grid: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Sample:
+def load_sample(
+    item: ImageItem,
+    *,
+    size: int,
+    grid: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    preprocess: Preprocess = DEFAULT_PREPROCESS,
+) -> Sample:
     """Everything the worker does for one image; failures become a Sample with `error`."""
     try:
-        pixels, orig_hw = _decode(item.path, size=size, max_pixels=max_pixels)
+        # exact presets decode at full scale, as the scripts they reproduce do
+        exact = preprocess.premultiply == "float"
+        pixels, orig_hw = _decode(item.path, size=size, max_pixels=max_pixels, draft=not exact)
+        if exact:
+            im = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels, "RGBA")
+            rgb, alpha = float_premultiplied(im, size, preprocess)
+            mask = np.ones((grid, grid), np.uint8) if alpha is None else patch_mask(alpha, grid)
+            return Sample(item, rgb, mask, orig_hw)
         if isinstance(pixels, Image.Image):
             # Opaque: resized alpha stays 255 (tested), so premultiplying changes nothing and
             # every patch is foreground. 1.3 ms less per 500x375 JPEG than the RGBA path.
-            rgb = np.asarray(pixels if pixels.size == (size, size) else _resize_crop(pixels, size))
+            rgb = np.asarray(_resize(pixels, size, preprocess))
             return Sample(item, rgb, np.ones((grid, grid), np.uint8), orig_hw)
-        rgba = resize_center_crop(pixels, size)
+        rgba = resize(pixels, size, preprocess)
         return Sample(item, premultiply(rgba), patch_mask(rgba[..., 3], grid), orig_hw)
     except ImageError as e:
         return Sample(item, error=str(e))
@@ -303,6 +380,8 @@ def load_sample(item: ImageItem, *, size: int, grid: int, max_pixels: int = DEFA
         return Sample(item, error=f"cannot preprocess: {type(e).__name__}: {e}")
 
 
-def iter_samples(items: list[ImageItem], *, size: int, grid: int) -> Iterator[Sample]:
+def iter_samples(
+    items: list[ImageItem], *, size: int, grid: int, preprocess: Preprocess = DEFAULT_PREPROCESS
+) -> Iterator[Sample]:
     for it in items:
-        yield load_sample(it, size=size, grid=grid)
+        yield load_sample(it, size=size, grid=grid, preprocess=preprocess)

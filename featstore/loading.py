@@ -2,47 +2,118 @@
 
 - registered names and Hugging Face repo ids: `from_pretrained` (safetensors, or
   .bin through transformers' `weights_only` loader; never `trust_remote_code`);
-- a local folder written by `save_pretrained`;
-- an OpenAI-format CLIP checkpoint file (`.pt`): `featstore.openai_checkpoint`.
+- a local folder written by `save_pretrained` (its preprocessor_config.json, when
+  present, gives mean, std and the resampling filter);
+- an OpenAI-format CLIP checkpoint file (`.pt`): `featstore.openai_checkpoint`;
+- a preset (`--preset trellis`), optionally with `--model` pointing at its weights.
 
-`random_model` builds the same architectures from their configs with random weights,
-for tests and benchmarks (throughput does not depend on weight values).
+Which class to build and which weights may be absent come from the family adapter
+(`featstore.models.family`). `random_model` builds the same architectures from their
+configs with random weights, for tests and benchmarks.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from featstore.errors import ModelError, ModelNotFoundError
-from featstore.models import ModelSpec, lookup, spec_from_hf_config
+from featstore.errors import ConfigError, ModelError, ModelNotFoundError
+from featstore.models import (
+    REGISTRY,
+    ModelSpec,
+    looks_registered,
+    lookup,
+    spec_from_hf_config,
+    suggest,
+    with_preprocessor_config,
+)
+from featstore.models.siglip import naflex_refusal
+
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
 
 @dataclass(frozen=True, slots=True)
 class LoadedModel:
     spec: ModelSpec
-    module: torch.nn.Module  # CLIPVisionModelWithProjection, Dinov2Model or Dinov2WithRegistersModel
+    module: torch.nn.Module  # the family's transformers class (spec.adapter.model_class)
     source: dict[str, str]  # how it was found: kind, id or path, revision or sha256
+    absent: frozenset[str] = field(default=frozenset())  # optional weights the checkpoint lacks
+
+    @property
+    def offers_embedding(self) -> bool:
+        return not self.absent
 
 
-def _not_found(name: str, target: str, reason: str) -> ModelNotFoundError:
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _not_found(name: str, target: str, reason: str, spec: ModelSpec | None = None) -> ModelNotFoundError:
     reason = reason.strip().splitlines()[0][:200].rstrip(".") if reason.strip() else "unknown error"
+    if spec is not None and spec.gated:
+        return ModelNotFoundError(
+            f"cannot load model {name!r} ({target}): {reason}. Its weights are gated on the hub: accept the "
+            f"licence at https://huggingface.co/{spec.source}, download them once (`hf download {spec.source} "
+            f"--local-dir DIR`) and pass that folder to --model"
+        )
+    if _offline():
+        hint = " (HF_HUB_OFFLINE is set: only the local Hugging Face cache is searched)"
+    else:
+        hint = ", or download it once and set HF_HUB_OFFLINE=1"
+    close = "" if spec is not None else _did_you_mean(name)
     return ModelNotFoundError(
-        f"cannot load model {name!r} ({target}): {reason}. Use a local copy: pass a folder made by "
-        f"save_pretrained or a .pt checkpoint to --model, or download it once and set HF_HUB_OFFLINE=1"
+        f"cannot load model {name!r} ({target}): {reason}.{close} Use a local copy: pass a folder made by "
+        f"save_pretrained or a .pt checkpoint to --model{hint}"
     )
 
 
-def resolve_spec(name: str) -> tuple[ModelSpec, str]:
-    """The spec for a name and the kind of source ("hf", "local", "openai-checkpoint").
+def _did_you_mean(name: str) -> str:
+    close = suggest(name)
+    return f" Did you mean {' or '.join(close)}? (`featstore models` lists the registered names)" if close else ""
 
-    Reads only config files, never weights.
-    """
+
+@contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """The hub's "Retrying in Ns" warnings stay off the terminal; featstore prints one line."""
+    hub = logging.getLogger("huggingface_hub")
+    level = hub.level
+    hub.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub.setLevel(level)
+
+
+def _processor_config(source: str, kind: str) -> dict[str, Any] | None:
+    """The checkpoint's preprocessor_config.json: in a local folder, or already in the hub cache."""
+    if kind == "local":
+        path = Path(source) / PREPROCESSOR_CONFIG
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(source, PREPROCESSOR_CONFIG)
+        except Exception:  # a malformed repo id, an unreadable cache: use the family's defaults
+            return None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _resolve(name: str) -> tuple[ModelSpec, str]:
     path = Path(name).expanduser()
     if path.is_file():
         from featstore.openai_checkpoint import openai_to_hf, read_openai_state_dict
@@ -55,99 +126,126 @@ def resolve_spec(name: str) -> tuple[ModelSpec, str]:
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise ModelNotFoundError(f"model folder {name!r} has no config.json (expected a save_pretrained folder)")
-        return spec_from_hf_config(name, str(path.resolve()), json.loads(cfg_file.read_text())), "local"
+        spec = spec_from_hf_config(name, str(path.resolve()), json.loads(cfg_file.read_text()))
+        processor = _processor_config(spec.source, "local")
+        return (with_preprocessor_config(spec, processor) if processor else spec), "local"
     if os.sep in name and (name.startswith((".", "/", "~")) or name.endswith((".pt", ".pth", ".bin"))):
         raise ModelNotFoundError(f"model path {name!r} does not exist")
-    spec = lookup(name)
-    if spec is not None:
-        return spec, "hf"
-    from transformers import AutoConfig
+    if "naflex" in name.lower():
+        raise naflex_refusal(name)
+    registered = lookup(name)
+    if registered is None and looks_registered(name):
+        raise ModelNotFoundError(f"{name!r} is not a registered model name, folder or file.{_did_you_mean(name)}")
+    if registered is not None:
+        spec = registered
+    else:
+        from transformers import AutoConfig
 
-    try:
-        cfg = AutoConfig.from_pretrained(name, trust_remote_code=False).to_dict()
-    except Exception as e:  # hub errors come in many types; all mean "cannot get it"
-        raise _not_found(name, "Hugging Face hub", str(e)) from None
-    return spec_from_hf_config(name, name, cfg), "hf"
+        _quiet_transformers()
+        try:
+            with _quiet_hub():
+                cfg = AutoConfig.from_pretrained(name, trust_remote_code=False).to_dict()
+        except Exception as e:  # hub errors come in many types; all mean "cannot get it"
+            raise _not_found(name, "Hugging Face hub", str(e)) from None
+        spec = spec_from_hf_config(name, name, cfg)
+    if not spec.preset:
+        processor = _processor_config(spec.source, "hf")
+        if processor:
+            spec = with_preprocessor_config(spec, processor)
+    return spec, "hf"
 
 
-def _model_class(spec: ModelSpec, *, with_registers: bool) -> Any:
-    import transformers
+def preset_spec(preset: str) -> ModelSpec:
+    spec = REGISTRY.get(preset.strip().lower())
+    if spec is None or not spec.preset:
+        names = ", ".join(s.name for s in REGISTRY.values() if s.preset)
+        raise ConfigError(f"--preset {preset!r}: expected one of {names} (see `featstore models`)")
+    return spec
 
-    if spec.family == "clip":
-        return transformers.CLIPVisionModelWithProjection
-    return transformers.Dinov2WithRegistersModel if with_registers else transformers.Dinov2Model
+
+def resolve_spec(name: str | None, *, preset: str | None = None) -> tuple[ModelSpec, str]:
+    """The spec for a name (or a preset, optionally with other weights) and the kind of
+    source ("hf", "local", "openai-checkpoint"). Reads only config files, never weights."""
+    if not preset:
+        if not name:
+            raise ConfigError("give --model (see `featstore models`) or --preset")
+        return _resolve(name)
+    base = preset_spec(preset)
+    if not name:
+        return base, "hf"
+    weights, kind = _resolve(name)
+    if weights.family != base.family:
+        raise ConfigError(f"--preset {base.name} needs {base.family} weights; {name!r} is a {weights.family} model")
+    # the weights' architecture; the preset's preprocessing and tensor
+    return replace(
+        weights,
+        default_size=base.default_size,
+        mean=base.mean,
+        std=base.std,
+        preprocess=base.preprocess,
+        layers=base.layers,
+        norm=base.norm,
+        preset=base.preset,
+    ), kind
 
 
-def load_model(name: str, *, dtype: torch.dtype = torch.float32, clip_output: str = "raw") -> LoadedModel:
+def load_model(
+    name: str | None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    clip_output: str = "raw",
+    preset: str | None = None,
+) -> LoadedModel:
     """Load weights for `name` (see module docstring), on the CPU, in eval mode."""
-    if Path(name).expanduser().is_file():  # read once: the config comes from the loaded model
+    if not preset and name and Path(name).expanduser().is_file():  # read once: the config comes from the model
         from featstore.openai_checkpoint import load_openai_checkpoint
 
         module, source = load_openai_checkpoint(Path(name).expanduser(), dtype=dtype)
         cfg = {**module.config.to_dict(), "model_type": "clip_vision_model"}
         return LoadedModel(spec_from_hf_config(name, source["path"], cfg), module.eval(), source)
-    spec, kind = resolve_spec(name)
-    cls = _model_class(spec, with_registers=spec.num_registers > 0)
+    spec, kind = resolve_spec(name, preset=preset)
+    spec.out_dim(clip_output)  # refuses --clip-output projected for families without it, before loading
+    cls = spec.adapter.model_class(spec)
     _quiet_transformers()
     try:
-        module, info = cls.from_pretrained(
-            spec.source,
-            dtype=dtype,
-            attn_implementation="sdpa",
-            trust_remote_code=False,
-            output_loading_info=True,
-        )
+        with _quiet_hub():
+            module, info = cls.from_pretrained(
+                spec.source,
+                dtype=dtype,
+                attn_implementation="sdpa",
+                trust_remote_code=False,
+                output_loading_info=True,
+            )
     except Exception as e:
-        raise _not_found(name, spec.source, str(e)) from None
+        raise _not_found(name or spec.name, spec.source, str(e), spec) from None
     missing = [k for k in info.get("missing_keys", []) if "position_ids" not in k]
-    if spec.family == "clip" and clip_output == "raw":
-        missing = [k for k in missing if not k.startswith("visual_projection")]
+    optional = spec.adapter.optional_weights
+    absent = frozenset(p for p in optional if any(k.startswith(p) for k in missing))
+    if clip_output == "projected" and absent:
+        raise ModelError(f"{name!r}: checkpoint lacks {optional[min(absent)]}, needed by --clip-output projected")
+    missing = [k for k in missing if not any(k.startswith(p) for p in optional)]
     if missing:
         raise ModelError(f"{name!r}: checkpoint lacks weights for {len(missing)} parameters, e.g. {missing[0]}")
     source = {"kind": kind, "id": spec.source}
+    if spec.preset:
+        source["preset"] = preset or spec.name
     revision = getattr(module.config, "_commit_hash", None)
     if revision:
         source["revision"] = str(revision)
-    return LoadedModel(spec, module.eval(), source)
+    return LoadedModel(spec, module.eval(), source, absent)
 
 
 def _quiet_transformers() -> None:
     """No per-tensor progress bars or load reports: featstore reports what matters itself."""
-    from transformers.utils import logging
+    from transformers.utils import logging as hf_logging
 
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def hf_config(spec: ModelSpec) -> Any:
     """A transformers config for the spec's architecture (used for random weights)."""
-    import transformers
-
-    if spec.family == "clip":
-        return transformers.CLIPVisionConfig(
-            hidden_size=spec.hidden_dim,
-            intermediate_size=spec.intermediate_size,
-            num_hidden_layers=spec.num_layers,
-            num_attention_heads=spec.num_heads,
-            patch_size=spec.patch_size,
-            image_size=spec.native_size,
-            projection_dim=spec.embed_dim or spec.hidden_dim,
-            hidden_act="quick_gelu",
-            layer_norm_eps=1e-5,
-        )
-    kwargs: dict[str, Any] = dict(
-        hidden_size=spec.hidden_dim,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        mlp_ratio=spec.intermediate_size // spec.hidden_dim,
-        patch_size=spec.patch_size,
-        image_size=spec.native_size,
-        layerscale_value=1.0,
-        **dict(spec.extra_config),
-    )
-    if spec.num_registers:
-        return transformers.Dinov2WithRegistersConfig(num_register_tokens=spec.num_registers, **kwargs)
-    return transformers.Dinov2Config(**kwargs)
+    return spec.adapter.hf_config(spec)
 
 
 def random_model(spec: ModelSpec, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedModel:
@@ -155,5 +253,17 @@ def random_model(spec: ModelSpec, *, dtype: torch.dtype = torch.float32, seed: i
     torch.manual_seed(seed)
     config = hf_config(spec)
     config._attn_implementation = "sdpa"
-    module = _model_class(spec, with_registers=spec.num_registers > 0)(config).to(dtype).eval()
+    module = spec.adapter.model_class(spec)(config).to(dtype).eval()
     return LoadedModel(spec, module, {"kind": "random", "id": spec.name, "seed": str(seed)})
+
+
+def check_preset_options(
+    spec: ModelSpec, *, size: int | None, layers: tuple[int, ...] | None, norm: str | None
+) -> None:
+    """A preset fixes the size and the tensor: refuse options that would change them."""
+    if not spec.preset:
+        return
+    if size is not None and size != spec.default_size:
+        raise ConfigError(f"this preset encodes at --size {spec.default_size} exactly; drop --size (or --preset)")
+    if layers is not None or norm is not None:
+        raise ConfigError("this preset fixes --layers and --norm; drop them (or --preset)")

@@ -1,5 +1,5 @@
 """Per-image output in the reference scripts' format: `<name>.npy`, `<name>_mask.npy`
-and (optionally) `<name>.json`, mirrored under an output folder.
+and (optionally) `<name>.json` and `<name>_embedding.npy`, mirrored under an output folder.
 
 Every file is written under a temporary name and renamed into place, and the mask is
 renamed last: a present `_mask.npy` means the image is complete (the reference's own
@@ -21,6 +21,7 @@ from featstore.batches import EncodedBatch, EncodingInfo, Failure
 from featstore.errors import UnsafeKeyError
 
 FAILURES_FILE = "featstore_failures.jsonl"
+EMBEDDING_SUFFIX = "_embedding.npy"
 
 
 def output_stem(out_dir: Path, key: str) -> Path:
@@ -56,11 +57,18 @@ def save_json(path: Path, meta: dict[str, Any]) -> None:
 
 
 def write_image_outputs(
-    out_dir: Path, key: str, features: np.ndarray, mask: np.ndarray, meta: dict[str, Any] | None
+    out_dir: Path,
+    key: str,
+    features: np.ndarray,
+    mask: np.ndarray,
+    meta: dict[str, Any] | None,
+    embedding: np.ndarray | None = None,
 ) -> None:
     """Write one image's files; the mask goes last and marks the image complete."""
     stem = output_stem(out_dir, key)
     save_npy(stem.with_name(stem.name + ".npy"), features)
+    if embedding is not None:
+        save_npy(stem.with_name(stem.name + EMBEDDING_SUFFIX), embedding)
     if meta is not None:
         save_json(stem.with_name(stem.name + ".json"), meta)
     save_npy(stem.with_name(stem.name + "_mask.npy"), mask)
@@ -74,10 +82,13 @@ def is_complete(out_dir: Path, key: str) -> bool:
 class NpyWriter:
     """The per-image writer stage of the pipeline."""
 
-    def __init__(self, out_dir: Path, info: EncodingInfo, *, save_meta: bool, overwrite: bool) -> None:
+    def __init__(
+        self, out_dir: Path, info: EncodingInfo, *, save_meta: bool, overwrite: bool, embedding: bool = False
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.info = info
         self.save_meta = save_meta
+        self.embedding = embedding  # write `<name>_embedding.npy` (when the batch carries one)
         self.overwrite = overwrite
         self._pending: set[str] = set()
         self.failures: list[Failure] = []
@@ -91,7 +102,8 @@ class NpyWriter:
             if item.key not in self._pending:
                 continue
             meta = self.info.image_json(item, batch.orig_size_hw[i]) if self.save_meta else None
-            write_image_outputs(self.out_dir, item.key, batch.features[i], batch.masks[i], meta)
+            emb = batch.embedding[i] if self.embedding and batch.embedding is not None else None
+            write_image_outputs(self.out_dir, item.key, batch.features[i], batch.masks[i], meta, emb)
             self._pending.discard(item.key)
 
     def record_failures(self, failures: Sequence[Failure]) -> None:

@@ -287,7 +287,7 @@ def _read_torchscript(zf: zipfile.ZipFile, prefix: str, path: Path) -> dict[str,
                 view = memoryview(buf)
                 got = 0
                 while got < len(buf):
-                    n = f.readinto(view[got:])
+                    n = f.readinto(view[got:])  # type: ignore[attr-defined]  # a ZipExtFile
                     if not n:
                         raise ModelError(f"{path.name}: storage {key!r} is truncated")
                     got += n
@@ -407,15 +407,15 @@ def openai_to_hf(state_dict: dict[str, torch.Tensor], *, num_heads: int | None =
         for name, w, b in zip(("q", "k", "v"), in_w.chunk(3), in_b.chunk(3), strict=True):
             out[f"{dst}self_attn.{name}_proj.weight"] = w.contiguous()
             out[f"{dst}self_attn.{name}_proj.bias"] = b.contiguous()
-        for a, b in (
+        for a, c in (
             ("attn.out_proj", "self_attn.out_proj"),
             ("ln_1", "layer_norm1"),
             ("mlp.c_fc", "mlp.fc1"),
             ("mlp.c_proj", "mlp.fc2"),
             ("ln_2", "layer_norm2"),
         ):
-            out[f"{dst}{b}.weight"] = get(f"{src}{a}.weight")
-            out[f"{dst}{b}.bias"] = get(f"{src}{a}.bias")
+            out[f"{dst}{c}.weight"] = get(f"{src}{a}.weight")
+            out[f"{dst}{c}.bias"] = get(f"{src}{a}.bias")
     return config, out
 
 
@@ -428,14 +428,15 @@ def _sha256(path: Path) -> str:
 
 
 def _no_init() -> contextlib.AbstractContextManager:
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:
+    import importlib
+
+    for where in ("transformers.initialization", "transformers.modeling_utils"):  # 5.x, 4.x
         try:
-            from transformers.modeling_utils import no_init_weights
-        except ImportError:
-            return contextlib.nullcontext()
-    return no_init_weights()
+            no_init_weights: Any = importlib.import_module(where).no_init_weights
+        except (ImportError, AttributeError):
+            continue
+        return no_init_weights()
+    return contextlib.nullcontext()
 
 
 def load_openai_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32) -> tuple[Any, dict[str, str]]:
@@ -456,5 +457,5 @@ def load_openai_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float
         raise ModelError(f"{path.name}: weights do not fit CLIPVisionModelWithProjection (e.g. {bad})")
     emb = model.vision_model.embeddings
     emb.position_ids = torch.arange(emb.num_positions).expand((1, -1))  # a buffer, not in the state dict
-    model = model.to(dtype=dtype).eval()
+    torch.nn.Module.to(model, dtype=dtype).eval()  # transformers' typed `to` wrapper confuses mypy
     return model, {"kind": "openai-checkpoint", "path": str(path), "sha256": _sha256(path)}

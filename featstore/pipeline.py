@@ -20,24 +20,36 @@ from typing import Any, Protocol
 import torch
 
 from featstore.batches import EncodingInfo, Failure, Writer
-from featstore.encoder import PatchEncoder
+from featstore.encoder import Encoded, Encoder, PatchEncoder
 from featstore.errors import BuildInterrupted, ConfigError
-from featstore.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, discover, output_collisions, unusable_names
-from featstore.loading import LoadedModel, load_model
+from featstore.images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    Preprocess,
+    discover,
+    output_collisions,
+    unusable_names,
+)
+from featstore.loading import LoadedModel, check_preset_options, load_model
 from featstore.npy import NpyWriter
 from featstore.reader import ImageReader
-from featstore.runner import BatchEncoder, ProgressFn, RunResult, StageTimes, output_error, run
+from featstore.runner import ProgressFn, RunResult, StageTimes, output_error, run
 from featstore.signals import StopRequest
 
 __all__ = ["BuildOptions", "BuildResult", "ModelEncoder", "build"]
 
 
-class ModelEncoder(BatchEncoder, Protocol):
-    """An encoder `build` can drive: the runner's `BatchEncoder` plus what the outputs record."""
+class ModelEncoder(Encoder, Protocol):
+    """An encoder `build` can drive: the runner's `Encoder` plus what the outputs record."""
 
     @property
     def info(self) -> EncodingInfo:
         """How the features are made (model, size, grid, channels, dtype, preprocessing)."""
+        ...
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """How the reader turns an image into the encoder's input (resize, premultiply)."""
         ...
 
 
@@ -46,7 +58,7 @@ class ModelEncoder(BatchEncoder, Protocol):
 
 @dataclass(frozen=True, slots=True)
 class BuildOptions:
-    model: str
+    model: str | None = None  # optional with a preset (then it replaces only the weights)
     size: int | None = None
     device: str = "auto"
     precision: str | None = None  # fp32 | fp16 | bf16; None: fp16 on CUDA, fp32 on CPU
@@ -57,6 +69,10 @@ class BuildOptions:
     recursive: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS
     compile: bool = False  # torch.compile the model (CUDA: worth it for long runs)
+    layers: tuple[int, ...] | None = None  # hidden_states indices; None: the family's standard output
+    norm: str | None = None  # model | none | plain; None: what the family's standard output applies
+    preset: str | None = None  # a preset registry entry (trellis, trellis2)
+    embedding: bool | None = None  # pooled embedding beside the maps; None: on when the model has one
 
 
 @dataclass(slots=True)
@@ -127,46 +143,50 @@ def default_workers(device: torch.device) -> int:
 
 
 def encoding_info(loaded: LoadedModel, encoder: PatchEncoder, model_name: str) -> EncodingInfo:
-    spec = loaded.spec
-    return EncodingInfo(
-        model=model_name,
-        model_source=loaded.source,
-        family=spec.family,
-        feature_type=spec.feature_type(encoder.clip_output),
-        clip_output=encoder.clip_output,
-        size=encoder.size,
-        grid=encoder.grid,
-        hidden_dim=encoder.out_dim,
-        dtype="float32" if encoder.store_dtype == torch.float32 else "float16",
-        mean=spec.mean,
-        std=spec.std,
-    )
+    return encoder.info(model_name, loaded.source)
 
 
 class _LoadedEncoder:
     """A `PatchEncoder` with the `EncodingInfo` of the model it was built from."""
 
-    def __init__(self, encoder: PatchEncoder, info: EncodingInfo) -> None:
+    def __init__(self, encoder: PatchEncoder, info: EncodingInfo, preprocess: Preprocess) -> None:
         self.patch_encoder, self.info, self.device = encoder, info, encoder.device
+        self.embedding_dim, self.preprocess = encoder.embedding_dim, preprocess
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.patch_encoder.encode(pixels)
 
+    def encode_batch(self, pixels: torch.Tensor) -> Encoded:
+        return self.patch_encoder.encode_batch(pixels)
 
-def model_encoder(options: BuildOptions, loaded: LoadedModel | None = None) -> ModelEncoder:
-    """Load `options.model` (or use `loaded`) into an encoder for `build`."""
+
+def model_encoder(
+    options: BuildOptions, loaded: LoadedModel | None = None, *, embedding: bool | None = None
+) -> ModelEncoder:
+    """Load `options.model` (or use `loaded`) into an encoder for `build`. `embedding`:
+    keep the pooled embedding (None: when the model offers one)."""
     device = resolve_device(options.device)
     precision = options.precision or default_precision(device)
     if precision not in ("fp32", "fp16", "bf16"):
         raise ConfigError(f"--precision {precision!r}: expected fp32, fp16 or bf16")
     if loaded is None:
-        loaded = load_model(options.model, clip_output=options.clip_output)
+        loaded = load_model(options.model, clip_output=options.clip_output, preset=options.preset)
+    check_preset_options(loaded.spec, size=options.size, layers=options.layers, norm=options.norm)
     size = options.size or loaded.spec.default_size
     loaded.spec.grid(size)  # refuses sizes that are not a multiple of the patch
     encoder = PatchEncoder(
-        loaded, size=size, device=device, precision=precision, clip_output=options.clip_output, compile=options.compile
+        loaded,
+        size=size,
+        device=device,
+        precision=precision,
+        clip_output=options.clip_output,
+        compile=options.compile,
+        layers=options.layers,
+        norm=options.norm,
+        embedding=embedding,
     )
-    return _LoadedEncoder(encoder, encoding_info(loaded, encoder, options.model))
+    info = encoding_info(loaded, encoder, options.model or loaded.spec.name)
+    return _LoadedEncoder(encoder, info, loaded.spec.preprocess)
 
 
 # ---------------------------------------------------------------- checks before the model loads
@@ -219,11 +239,17 @@ def build(
     items = discover(input_dir, recursive=options.recursive)
     if not items:
         raise _no_images(input_dir, options.recursive)
+    if store is not None:
+        from featstore.store.writer import refuse_busy_store
+
+        refuse_busy_store(store)  # before the model loads
     stop = StopRequest()
     with stop.handling_signals():
         if encoder is None:
             say(f"loading model {options.model} ...")
-            encoder = model_encoder(options, loaded)
+            # stores keep the pooled embedding by default; per-image files only when asked (--embedding)
+            keep = options.embedding if store is not None else (options.embedding or False)
+            encoder = model_encoder(options, loaded, embedding=keep)
         info = encoder.info
         if options.size is not None and options.size != info.size:
             raise ConfigError(f"--size {options.size} disagrees with the encoder's size {info.size}")
@@ -240,7 +266,16 @@ def build(
                     open_store_writer(store, info, overwrite=options.overwrite, featstore_version=__version__)
                 )
             if npy_dir is not None:
-                writers.append(NpyWriter(Path(npy_dir), info, save_meta=save_meta, overwrite=options.overwrite))
+                # per-image files keep the original layout: `_embedding.npy` only when asked for
+                writers.append(
+                    NpyWriter(
+                        Path(npy_dir),
+                        info,
+                        save_meta=save_meta,
+                        overwrite=options.overwrite,
+                        embedding=options.embedding is True,
+                    )
+                )
         except OSError as e:
             for w in writers:
                 w.close()
@@ -271,6 +306,7 @@ def build(
             workers=default_workers(device) if options.workers is None else options.workers,
             pin=device.type == "cuda",
             max_pixels=options.max_pixels,
+            preprocess=encoder.preprocess,
         )
         startup = time.perf_counter() - started
         progress_ctx = progress_factory(len(todo)) if progress_factory else nullcontext(None)

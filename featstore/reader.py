@@ -18,18 +18,23 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from featstore.batches import Failure, ImageBatch, ImageItem, Sample
-from featstore.images import DEFAULT_MAX_PIXELS, load_sample
+from featstore.images import DEFAULT_MAX_PIXELS, DEFAULT_PREPROCESS, Preprocess, load_sample
 
 
 class _ImageDataset(Dataset[Sample]):
-    def __init__(self, items: Sequence[ImageItem], size: int, grid: int, max_pixels: int) -> None:
+    def __init__(
+        self, items: Sequence[ImageItem], size: int, grid: int, max_pixels: int, preprocess: Preprocess
+    ) -> None:
         self.items, self.size, self.grid, self.max_pixels = list(items), size, grid, max_pixels
+        self.preprocess = preprocess
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> Sample:
-        return load_sample(self.items[i], size=self.size, grid=self.grid, max_pixels=self.max_pixels)
+        return load_sample(
+            self.items[i], size=self.size, grid=self.grid, max_pixels=self.max_pixels, preprocess=self.preprocess
+        )
 
 
 def collate(samples: list[Sample]) -> ImageBatch:
@@ -60,11 +65,12 @@ class ImageReader:
     workers: int = 0  # decode processes; 0 decodes in the calling process
     pin: bool = False  # page-locked batches, for fast copies to a CUDA device
     max_pixels: int = DEFAULT_MAX_PIXELS
+    preprocess: Preprocess = DEFAULT_PREPROCESS  # the model family's resize and premultiply
 
     def batches(self, unit: Sequence[ImageItem]) -> Iterator[ImageBatch]:
         """Batches of `unit`, in order; images that cannot be used are the batches' failures."""
         loader = DataLoader(
-            _ImageDataset(unit, self.size, self.grid, self.max_pixels),
+            _ImageDataset(unit, self.size, self.grid, self.max_pixels, self.preprocess),
             batch_size=self.batch_size,
             num_workers=self.workers,
             collate_fn=collate,

@@ -15,24 +15,15 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
 from featstore.batches import EncodedBatch, Failure, ImageBatch, Writer
+from featstore.encoder import Encoded, Encoder, encode_with_embedding
 from featstore.errors import OutputError
 from featstore.signals import StopRequest
-
-
-class BatchEncoder(Protocol):
-    """What the runner needs from a model: `featstore.encoder.PatchEncoder`, or a test's fake."""
-
-    device: torch.device
-
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, S, S, 3) uint8 -> (B, C, g, g) in the storage dtype, on `device`."""
-        ...
 
 
 @dataclass(slots=True)
@@ -75,17 +66,19 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def encode_splitting(encoder: BatchEncoder, pixels: torch.Tensor) -> torch.Tensor:
-    """Encode a batch; on out-of-memory, encode its halves instead (down to one image)."""
+def encode_splitting(encoder: Encoder, pixels: torch.Tensor) -> Encoded:
+    """Encode a batch into (maps, embedding or None); on out-of-memory, encode its halves
+    instead (down to one image)."""
     try:
-        return encoder.encode(pixels)
+        return encode_with_embedding(encoder, pixels)
     except RuntimeError as e:
         if not _is_oom(e) or len(pixels) == 1:
             raise
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     half = len(pixels) // 2
-    return torch.cat([encode_splitting(encoder, pixels[:half]), encode_splitting(encoder, pixels[half:])])
+    (fa, ea), (fb, eb) = encode_splitting(encoder, pixels[:half]), encode_splitting(encoder, pixels[half:])
+    return torch.cat([fa, fb]), (None if ea is None or eb is None else torch.cat([ea, eb]))
 
 
 def output_error(e: OSError) -> OutputError:
@@ -131,9 +124,10 @@ class _WriterThread:
             if self.error is not None:
                 continue
             try:
-                batch, features = job
+                batch, features, embedding = job
                 t0 = time.perf_counter()
-                encoded = EncodedBatch(batch.items, features(), batch.masks, batch.orig_size_hw)
+                emb = embedding() if embedding is not None else None
+                encoded = EncodedBatch(batch.items, features(), batch.masks, batch.orig_size_hw, embedding=emb)
                 t1 = time.perf_counter()
                 for w in self.writers:
                     w.write(encoded)
@@ -144,11 +138,13 @@ class _WriterThread:
             except BaseException as e:
                 self.error = e
 
-    def put(self, batch: ImageBatch, features: Callable[[], np.ndarray]) -> None:
+    def put(
+        self, batch: ImageBatch, features: Callable[[], np.ndarray], embedding: Callable[[], np.ndarray] | None
+    ) -> None:
         if self.error is not None:
             raise self.error
         t0 = time.perf_counter()
-        self.queue.put((batch, features))
+        self.queue.put((batch, features, embedding))
         self.stages.write_wait += time.perf_counter() - t0
 
     def finish(self) -> None:
@@ -160,7 +156,7 @@ class _WriterThread:
 
 def run(
     batches: Iterable[ImageBatch],
-    encoder: BatchEncoder,
+    encoder: Encoder,
     writers: Sequence[Writer],
     *,
     total: int = 0,
@@ -196,9 +192,9 @@ def run(
             result.failures.extend(batch.failures)
             result.decode_failures += len(batch.failures)
             if batch.items:
-                features = encode_splitting(encoder, batch.pixels)
+                features, embedding = encode_splitting(encoder, batch.pixels)
                 stages.encode += time.perf_counter() - t1
-                thread.put(batch, _to_host(features))
+                thread.put(batch, _to_host(features), None if embedding is None else _to_host(embedding))
                 result.encoded += len(batch.items)
             result.seconds = time.perf_counter() - start
             if progress:

@@ -23,7 +23,8 @@ def _save(model, path: Path) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Folders holding tiny CLIP / DINOv2 / DINOv2-with-registers checkpoints."""
+    """Folders holding tiny checkpoints of every family (CLIP, LAION-style CLIP, DINOv2 with and
+    without registers, DINOv3, SigLIP vision and full SigLIP) and the presets' architectures."""
     import torch
     import transformers
 
@@ -57,7 +58,34 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             projection_dim=48,
         )
     )
+    from featstore.models.family import FAMILIES
+
+    siglip_cfg = FAMILIES["siglip"].tiny_config()
+    full_siglip = transformers.SiglipModel(
+        transformers.SiglipConfig(
+            vision_config=siglip_cfg.to_dict(),
+            text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+        )
+    )
+    laion_cfg = transformers.CLIPVisionConfig(**{**clip_cfg.to_dict(), "hidden_act": "gelu"})
+
+    def _patch16(cfg):
+        cfg.patch_size = 16
+        return cfg
+
     return {
+        "dinov3": _save(transformers.DINOv3ViTModel(FAMILIES["dinov3"].tiny_config()), root / "dinov3"),
+        "siglip": _save(transformers.SiglipVisionModel(siglip_cfg), root / "siglip"),
+        "siglip_full": _save(full_siglip, root / "siglip_full"),
+        "laion": _save(transformers.CLIPVisionModelWithProjection(laion_cfg), root / "laion"),
+        # patch 14 at 518 like TRELLIS's DINOv2 ViT-L/14 with registers, but 32 wide: the preset runs exactly
+        "trellis": _save(
+            transformers.Dinov2WithRegistersModel(
+                FAMILIES["dinov2"].tiny_config(registers=4, patch=14, image_size=518)
+            ),
+            root / "trellis",
+        ),
+        "trellis2": _save(transformers.DINOv3ViTModel(_patch16(FAMILIES["dinov3"].tiny_config())), root / "trellis2"),
         "clip": _save(transformers.CLIPVisionModelWithProjection(clip_cfg), root / "clip"),
         "clip_full": _save(full_clip, root / "clip_full"),
         "dino": _save(transformers.Dinov2Model(transformers.Dinov2Config(**dino)), root / "dino"),

@@ -23,12 +23,14 @@ from pathlib import Path
 import torch
 
 from featstore.batches import EncodingInfo
+from featstore.images import DEFAULT_PREPROCESS
 
 
 class FakeEncoder:
     def __init__(self, size: int = 32, patch: int = 8, channels: int = 6) -> None:
         self.size, self.grid, self.channels = size, size // patch, channels
         self.device = torch.device("cpu")
+        self.preprocess = DEFAULT_PREPROCESS
         self.calls = 0
         self.info = EncodingInfo(
             model="fake",

@@ -185,3 +185,43 @@ def test_opaque_fast_path_equals_the_rgba_path(tmp_path, name, hw, mode):
     assert sample.error is None and sample.orig_size_hw == orig_hw == hw
     np.testing.assert_array_equal(sample.pixels, premultiply(resized))
     np.testing.assert_array_equal(sample.mask, patch_mask(resized[..., 3], 7))
+
+
+# ---------------------------------------------------------------- resize policies
+
+
+def test_squash_resizes_every_band_to_a_square(tmp_path):
+    from featstore.images import Preprocess
+
+    rgba = np.random.default_rng(0).integers(0, 256, (30, 50, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    rgba[:, :10, 3] = 0
+    Image.fromarray(rgba).save(tmp_path / "x.png")
+    policy = Preprocess("squash", "bilinear")
+    s = load_sample(ImageItem("x.png", str(tmp_path / "x.png")), size=16, grid=4, preprocess=policy)
+    bands = [np.asarray(Image.fromarray(rgba[..., c]).resize((16, 16), Image.Resampling.BILINEAR)) for c in range(4)]
+    expected = np.stack(bands, axis=2)
+    np.testing.assert_array_equal(s.pixels, premultiply(expected))  # the whole image, no crop
+    np.testing.assert_array_equal(s.mask, patch_mask(expected[..., 3], 4))
+
+
+def test_float_premultiply_is_trellis_lines(tmp_path):
+    """TRELLIS: Pillow resizes the RGBA image (LANCZOS), then float32 rgb * alpha, unrounded."""
+    from featstore.images import Preprocess
+
+    rgba = np.random.default_rng(1).integers(0, 256, (40, 28, 4), dtype=np.uint8)
+    rgba[:5, :, 3] = 0
+    Image.fromarray(rgba).save(tmp_path / "v.png")
+    policy = Preprocess("squash", "lanczos", premultiply="float")
+    s = load_sample(ImageItem("v.png", str(tmp_path / "v.png")), size=14, grid=2, preprocess=policy)
+    ref = Image.open(tmp_path / "v.png").resize((14, 14), Image.Resampling.LANCZOS)
+    ref = np.array(ref).astype(np.float32) / 255
+    assert s.pixels.dtype == np.float32 and s.pixels.shape == (14, 14, 3)
+    np.testing.assert_array_equal(s.pixels, ref[:, :, :3] * ref[:, :, 3:])
+    assert not np.array_equal(s.pixels, np.floor(s.pixels * 255) / 255)  # not rounded to uint8 levels
+    # an opaque JPEG: alpha 1 everywhere, all-ones mask
+    Image.fromarray(rgba[..., :3]).save(tmp_path / "o.jpg")
+    o = load_sample(ImageItem("o.jpg", str(tmp_path / "o.jpg")), size=14, grid=2, preprocess=policy)
+    ref_o = np.array(Image.open(tmp_path / "o.jpg").resize((14, 14), Image.Resampling.LANCZOS)).astype(np.float32)
+    np.testing.assert_array_equal(o.pixels, ref_o / 255)
+    assert o.mask.all()

@@ -20,8 +20,56 @@ EXPECTED_224 = {
 }
 
 
+# The families added since: shape at each name's default --size (the `featstore models` table).
+EXPECTED_DEFAULT = {
+    "ViT-L-14-laion2B": (1024, 224, 16),
+    "ViT-H-14-laion2B": (1280, 224, 16),
+    "ViT-bigG-14-laion2B": (1664, 224, 16),
+    **{
+        f"facebook/dinov3-vit{v}-pretrain-lvd1689m": (c, 224, 14)
+        for v, c in [("s16", 384), ("s16plus", 384), ("b16", 768), ("l16", 1024), ("h16plus", 1280), ("7b16", 4096)]
+    },
+    "google/siglip-base-patch16-224": (768, 224, 14),
+    "google/siglip-so400m-patch14-384": (1152, 378, 27),
+    "google/siglip2-base-patch16-224": (768, 224, 14),
+    "google/siglip2-large-patch16-512": (1024, 512, 32),
+    "google/siglip2-so400m-patch14-384": (1152, 378, 27),
+    "google/siglip2-so400m-patch16-512": (1152, 512, 32),
+    "trellis": (1024, 518, 37),
+    "trellis2": (1024, 512, 32),
+}
+
+
 def test_registry_holds_exactly_the_documented_models():
-    assert set(REGISTRY) == set(EXPECTED_224)
+    assert set(REGISTRY) == set(EXPECTED_224) | set(EXPECTED_DEFAULT)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_DEFAULT))
+def test_shapes_at_the_default_size(name):
+    spec = REGISTRY[name]
+    assert (spec.hidden_dim, spec.default_size, spec.grid(spec.default_size)) == EXPECTED_DEFAULT[name]
+
+
+def test_token_layouts():
+    assert REGISTRY["google/siglip2-so400m-patch16-512"].num_prefix_tokens == 0  # no CLS
+    assert REGISTRY["facebook/dinov3-vitl16-pretrain-lvd1689m"].num_prefix_tokens == 5
+    assert REGISTRY["ViT-H-14-laion2B"].num_prefix_tokens == 1
+    assert REGISTRY["google/siglip-so400m-patch14-384"].preprocess.resize == "squash"
+    assert REGISTRY["facebook/dinov2-small"].preprocess.resize == "crop"
+
+
+def test_lookup_short_names_of_new_families():
+    assert lookup("siglip2-so400m-patch16-512").name == "google/siglip2-so400m-patch16-512"
+    assert lookup("laion/CLIP-ViT-H-14-laion2B-s32B-b79K").name == "ViT-H-14-laion2B"
+    assert lookup("TRELLIS").name == "trellis"
+
+
+def test_preprocessing_for_import():
+    from featstore.models import preprocessing_for
+
+    assert preprocessing_for("ViT-B/32") == ("clip", REGISTRY["ViT-B/32"].mean, REGISTRY["ViT-B/32"].std)
+    assert preprocessing_for("unknown", "siglip_patch_features") == ("siglip", (0.5,) * 3, (0.5,) * 3)
+    assert preprocessing_for("unknown", "mystery") is None
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_224))

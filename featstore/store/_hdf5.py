@@ -244,6 +244,25 @@ class StoreLock:
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
 
+    def check_free(self) -> None:
+        """Raise StoreLockedError if a build holds the lock now; takes nothing, creates nothing."""
+        import fcntl
+        import os
+
+        from featstore.errors import StoreLockedError
+
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except OSError:
+            return  # no lock file (or no folder yet): nobody is writing it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            raise StoreLockedError(f"{self.store} is being written by another featstore build (pid {pid})") from None
+        finally:
+            os.close(fd)  # also releases our flock, if we got it
+
     def release(self) -> None:
         import os
 

@@ -536,6 +536,48 @@ def create_store(blobs: Blobs, attrs: dict[str, Any], info: EncodingInfo, shard_
     return blobs.create("zarr.json", _put_json(docs["zarr.json"]))
 
 
+def _running_here(claim: str) -> int | None:
+    """The pid in a claim made on this host by another process that still runs, else None.
+
+    Claims name host and pid (see `ZarrShardWriter._init_claims`). A claim of another
+    host cannot be checked from here: it counts as left by a killed build.
+    """
+    import socket
+
+    fields = dict(f.split("=", 1) for f in claim.split()[1:] if "=" in f)
+    if fields.get("host") != socket.gethostname() or not fields.get("pid", "").isdigit():
+        return None
+    pid = int(fields["pid"])
+    if pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # another user's process: it runs
+        pass
+    return pid
+
+
+def live_writer(blobs: Blobs) -> int | None:
+    """The pid of a build on this host that claimed an unfinished shard of the store at
+    `blobs` and still runs, or None (no store, no claims, or only those of dead builds)."""
+    ids = _chunk_ids(blobs.list(f"{CLAIMS}/c"))
+    if not ids:
+        return None
+    meta = _doc(blobs.read(f"{CLAIMS}/zarr.json"), f"{blobs.location}/{CLAIMS}/zarr.json")
+    claims = zarr_rows(blobs, CLAIMS, meta, ()) if meta is not None else None
+    if not isinstance(claims, ChunkedRows):
+        return None
+    committed = _chunk_ids(blobs.list(f"{KEYS}/c"))
+    last = max(committed) if committed else 0  # the last committed shard may be refilled
+    open_ids = [i for i in ids if i >= last]
+    for found in claims.chunks(open_ids) if open_ids else []:
+        if (pid := _running_here(str(found[0]))) is not None:
+            return pid
+    return None
+
+
 class ZarrShardWriter:
     """Appends rows to a Zarr store (layout 2), a whole shard at a time.
 
@@ -555,6 +597,8 @@ class ZarrShardWriter:
         if isinstance(self.blobs, RemoteBlobs):
             self.blobs.check_reachable()
         exists = self.blobs.read("zarr.json") is not None
+        if exists and (pid := live_writer(self.blobs)) is not None:  # before touching anything of it
+            raise StoreLockedError(f"{location} is being written by another featstore build (pid {pid})")
         if exists and overwrite:
             delete_store(self.blobs)
             exists = False
@@ -608,6 +652,7 @@ class ZarrShardWriter:
         ids = [i for i in _chunk_ids(self.blobs.list(f"{CLAIMS}/c")) if i >= self.shard]
         found = self.claims.chunks(ids) if ids else []
         self.stale_claims = {i: str(c[0]) for i, c in zip(ids, found, strict=True)}
+        self._claim(self.shard)  # from now on a second build on this host is refused at once
 
     def _init_claims(self) -> None:
         import socket

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from featstore.batches import EncodedBatch, EncodingInfo, Failure
-from featstore.errors import OutputError, StoreError
+from featstore.errors import OutputError, StoreError, StoreLockedError
 from featstore.store.location import Location, as_location
 
 
@@ -64,6 +64,24 @@ def merge_failures(old: Iterable[Failure], new: Iterable[Failure], present: Any)
 
 def _printable(key: str) -> str:
     return key.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def refuse_busy_store(where: str | os.PathLike[str] | Location) -> None:
+    """Raise StoreLockedError if a build on this machine is writing the store now: the
+    check a build makes before it loads its model (seconds to minutes). Creates nothing.
+    The writer checks again when it opens."""
+    location = as_location(where)
+    if location.format == "hdf5":
+        from featstore.store._hdf5 import StoreLock
+
+        StoreLock(location.path).check_free()
+        return
+    from featstore.store._blobs import open_blobs
+    from featstore.store._zarr import live_writer
+
+    blobs = open_blobs(location)
+    if blobs.read("zarr.json") is not None and (pid := live_writer(blobs)) is not None:
+        raise StoreLockedError(f"{location} is being written by another featstore build (pid {pid})")
 
 
 def open_store_writer(
