@@ -9,6 +9,7 @@ the patch grid. Normalisation happens on the encoder's device.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import stat
 import warnings
@@ -182,18 +183,22 @@ def open_image(path: str, *, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     return (_opaque_rgba(pixels) if isinstance(pixels, Image.Image) else pixels), hw
 
 
-def _decode(path: str, *, size: int, max_pixels: int) -> tuple[np.ndarray | Image.Image, tuple[int, int]]:
-    """Decode to RGBA uint8 (H, W, 4), or to an RGB image when the file has no transparency,
-    and the size (H, W) before any resizing.
+def _decode(path: str | bytes, *, size: int, max_pixels: int) -> tuple[np.ndarray | Image.Image, tuple[int, int]]:
+    """Decode a file (by path) or an image's bytes (a tar member, a remote object) to RGBA
+    uint8 (H, W, 4), or to an RGB image when it has no transparency, and the size (H, W)
+    before any resizing.
 
     Refuses (ImageError) anything that is not a decodable image, and images over
     `max_pixels` before decoding them (their header gives the size). JPEGs much larger
     than `size` are decoded at a reduced scale (`Image.draft`, DCT scaling by a power
     of two, never below `size` on the shorter side).
     """
-    _check_file(path)
+    if not isinstance(path, bytes):
+        _check_file(path)
+    elif not path:
+        raise ImageError("empty file (0 bytes)")
     try:
-        with open(path, "rb") as f, warnings.catch_warnings():
+        with io.BytesIO(path) if isinstance(path, bytes) else open(path, "rb") as f, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             head = f.read(1024)
             f.seek(0)
@@ -286,10 +291,13 @@ def patch_mask(alpha: np.ndarray, grid: int) -> np.ndarray:
     return (alpha > 0).reshape(grid, p, grid, p).any(axis=(1, 3)).astype(np.uint8)
 
 
-def load_sample(item: ImageItem, *, size: int, grid: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Sample:
-    """Everything the worker does for one image; failures become a Sample with `error`."""
+def load_sample(
+    item: ImageItem, *, size: int, grid: int, max_pixels: int = DEFAULT_MAX_PIXELS, data: bytes | None = None
+) -> Sample:
+    """Everything the worker does for one image (read from `item.path`, or `data` when the
+    reader fetched its bytes); failures become a Sample with `error`."""
     try:
-        pixels, orig_hw = _decode(item.path, size=size, max_pixels=max_pixels)
+        pixels, orig_hw = _decode(item.path if data is None else data, size=size, max_pixels=max_pixels)
         if isinstance(pixels, Image.Image):
             # Opaque: resized alpha stays 255 (tested), so premultiplying changes nothing and
             # every patch is foreground. 1.3 ms less per 500x375 JPEG than the RGBA path.

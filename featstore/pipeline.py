@@ -22,12 +22,13 @@ import torch
 from featstore.batches import EncodingInfo, Failure, Writer
 from featstore.encoder import PatchEncoder
 from featstore.errors import BuildInterrupted, ConfigError
-from featstore.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, discover, output_collisions, unusable_names
+from featstore.images import DEFAULT_MAX_PIXELS, output_collisions, unusable_names
 from featstore.loading import LoadedModel, load_model
 from featstore.npy import NpyWriter
 from featstore.reader import ImageReader
 from featstore.runner import BatchEncoder, ProgressFn, RunResult, StageTimes, output_error, run
 from featstore.signals import StopRequest
+from featstore.sources import Source, as_source
 
 __all__ = ["BuildOptions", "BuildResult", "ModelEncoder", "build"]
 
@@ -180,17 +181,11 @@ def _check_options(options: BuildOptions) -> None:
     resolve_device(options.device)
 
 
-def _no_images(input_dir: str | os.PathLike[str], recursive: bool) -> ConfigError:
-    exts = " ".join(sorted(IMAGE_EXTENSIONS))
-    where = "under" if recursive else "directly in"
-    return ConfigError(f"no images found {where} {os.fspath(input_dir)} (looked for {exts}, any case)")
-
-
 # ---------------------------------------------------------------- build
 
 
 def build(
-    input_dir: str | os.PathLike[str],
+    input_dir: str | os.PathLike[str] | Source,
     options: BuildOptions,
     *,
     npy_dir: str | os.PathLike[str] | None = None,
@@ -201,7 +196,8 @@ def build(
     encoder: ModelEncoder | None = None,
     log: Callable[[str], None] | None = None,
 ) -> BuildResult:
-    """Encode every image under `input_dir` into per-image files and/or a store.
+    """Encode every image of `input_dir` (a folder, or any `featstore.sources.Source`)
+    into per-image files and/or a store.
 
     Images whose outputs exist are skipped. `encoder` replaces loading `options.model`
     (`loaded` reuses a loaded model). `progress_factory(total)` returns a context manager
@@ -216,9 +212,14 @@ def build(
     if npy_dir is None and store is None:
         raise ConfigError("nothing to write: give --npy-dir, --store or both")
     _check_options(options)
-    items = discover(input_dir, recursive=options.recursive)
+    source = input_dir if isinstance(input_dir, Source) else as_source(input_dir, recursive=options.recursive)
+    found = source.discover()  # missing shards, samples without an image, ...: failures, by name
+    items = found.items
     if not items:
-        raise _no_images(input_dir, options.recursive)
+        if found.failures:
+            first = found.failures[0]
+            raise ConfigError(f"{source.no_images()}; {len(found.failures)} failed, first {first.key}: {first.reason}")
+        raise source.no_images()
     stop = StopRequest()
     with stop.handling_signals():
         if encoder is None:
@@ -247,7 +248,7 @@ def build(
             raise output_error(e) from None
 
         bad_names = unusable_names(items)  # not UTF-8, backslash: refused per file
-        failures: list[Failure] = list(bad_names.values())
+        failures: list[Failure] = found.failures + list(bad_names.values())
         items = [it for it in items if it.key not in bad_names]
         if npy_dir is not None:  # a.png and a.jpg would both write a.npy: refuse the later one
             clashes = output_collisions(items)
@@ -271,6 +272,7 @@ def build(
             workers=default_workers(device) if options.workers is None else options.workers,
             pin=device.type == "cuda",
             max_pixels=options.max_pixels,
+            remote=source.remote,
         )
         startup = time.perf_counter() - started
         progress_ctx = progress_factory(len(todo)) if progress_factory else nullcontext(None)
