@@ -159,18 +159,23 @@ def scan_shard(
                 if not m.isfile():
                     continue
                 key, ext = split_member(m.name)
+                if not ext:
+                    continue  # WebDataset skips members without an extension too
                 samples.setdefault(key, {})[ext.lower()] = m
+            problem = _bad_end(f, tf.offset, size)
     except (tarfile.TarError, EOFError, OSError) as e:
+        problem = str(e)
+    if problem:
         last = f" after {len(samples)} samples" if samples else ""
-        failures.append(Failure(shard_name + ".tar", f"truncated or corrupt tar{last}: {e}"))
+        failures.append(Failure(shard_name + ".tar", f"truncated or corrupt tar{last}: {problem}"))
     items: list[ImageItem] = []
     wanted: tuple[str, ...] = (image_key.lower(),) if image_key else TAR_IMAGE_EXTENSIONS
     for key, members in samples.items():
         found = [e for e in wanted if e in members]
         if not found:
-            has = ", ".join("." + e for e in sorted(members)) or "nothing"
-            want = f".{image_key}" if image_key else "an image (.jpg .jpeg .png .webp)"
-            failures.append(Failure(f"{shard_name}/{key}", f"sample has no {want} member (has {has})"))
+            has = ", ".join("." + e for e in sorted(members))
+            want = f".{image_key} member" if image_key else "image member (.jpg .jpeg .png .webp)"
+            failures.append(Failure(f"{shard_name}/{key}", f"sample has no {want}; it has {has}"))
             continue
         ext = found[0]
         m = members[ext]
@@ -182,6 +187,17 @@ def scan_shard(
         else:
             items.append(ImageItem(key=item_key, path=shard_path, member=m.name))
     return items, failures
+
+
+def _bad_end(f: IO[bytes], end: int, size: int) -> str | None:
+    """Why the bytes after the last member are no end-of-archive marker (tarfile stops
+    quietly at a cut header, so a shard cut there would otherwise look complete)."""
+    if size - end < 2 * tarfile.BLOCKSIZE:
+        return "no end-of-archive marker (cut short?)"
+    f.seek(end)
+    if f.read(2 * tarfile.BLOCKSIZE).strip(b"\0"):
+        return "bytes after the last member are not a tar header (cut short or corrupt)"
+    return None
 
 
 # ---------------------------------------------------------------- file lists
