@@ -62,7 +62,7 @@ def _build(source, out: Path, workers: int = 1):  # type: ignore[no-untyped-def]
 
 def _features(store: Path) -> dict[str, tuple[np.ndarray, np.ndarray, tuple[int, int]]]:
     with featstore.open(store) as s:
-        return {k: (s[k].features, s[k].mask, tuple(s[k].orig_size_hw)) for k in s.keys()}
+        return {row.key: (row.features, row.mask, tuple(row.orig_size_hw)) for row in s}
 
 
 def _assert_same(got: dict, want: dict) -> None:  # type: ignore[type-arg]
