@@ -140,6 +140,7 @@ def test_cli_s3_prefix_with_the_standard_variables_and_resume(collection, tmp_pa
     args = ["build", "--input", prefix + "/", "-m", "fake", "--store", str(tmp_path / "s.zarr"), "--workers", "1"]
     first = _cli(*args, env=s3_server.env())
     assert first.returncode == 0 and f"encoded {len(KEYS)}, skipped 0, failed 0" in first.stderr, first.stderr
+    assert "Traceback" not in first.stderr, first.stderr
     again = _cli(*args, env=s3_server.env())
     assert again.returncode == 0 and f"encoded 0, skipped {len(KEYS)}, failed 0" in again.stderr, again.stderr
     opts = [f"--storage-option={k}={v}" for k, v in s3_server.options.items()]
