@@ -269,3 +269,13 @@ def test_a_real_tiny_model_gives_the_same_features_from_tar_shards(tiny_models, 
     got = build(str(collection["tars"] / "shard{0..1}.tar"), options, store=tmp_path / "t.zarr")
     assert got.encoded == len(KEYS)
     _assert_same(_features(tmp_path / "t.zarr"), _features(tmp_path / "f.zarr"))
+
+
+def test_tar_samples_as_per_image_files_mirror_their_keys(collection, tmp_path):
+    options = BuildOptions(model="fake", device="cpu", batch_size=3, workers=1)
+    got = build(collection["tars"], options, npy_dir=tmp_path / "npy", encoder=FakeEncoder())
+    assert got.encoded == len(KEYS)
+    written = sorted(p.relative_to(tmp_path / "npy").as_posix() for p in (tmp_path / "npy").rglob("*_mask.npy"))
+    assert written == sorted(k.rsplit(".", 1)[0] + "_mask.npy" for k in KEYS)
+    again = build(collection["tars"], options, npy_dir=tmp_path / "npy", encoder=FakeEncoder())
+    assert (again.encoded, again.skipped) == (0, len(KEYS))
