@@ -410,8 +410,11 @@ def common_parent(paths: tuple[str, ...] | list[str]) -> str:
 
 def _shard_name(shard: str, parent: str) -> str:
     """The shard's path relative to `parent`, without `.tar`: the first part of its samples' keys."""
-    rel = shard[len(parent) :].lstrip("/") if parent and shard.startswith(parent) else shard.rsplit("/", 1)[-1]
-    rel = rel.replace(os.sep, "/")
+    if not is_url(shard):
+        rel = Path(os.path.relpath(shard, parent or ".")).as_posix()
+        rel = rel if not rel.startswith("../") else Path(shard).name
+    else:
+        rel = shard[len(parent) :].lstrip("/") if parent and shard.startswith(parent) else shard.rsplit("/", 1)[-1]
     return rel[: -len(".tar")] if rel.lower().endswith(".tar") else rel
 
 

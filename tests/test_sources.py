@@ -79,7 +79,7 @@ def test_member_names_split_as_webdataset_splits_them(name):
 # ---------------------------------------------------------------- tar shards
 
 
-def test_shards_by_brace_range_by_folder_and_by_single_file(shards):
+def test_shards_by_brace_range_by_folder_and_by_single_file(shards, monkeypatch):
     keys = [f"train-00000{s}/img00{i}.{'jpg' if i == 1 else 'png'}" for s in range(2) for i in range(3)]
     by_range = as_source(str(shards / "train-{000000..000001}.tar")).discover()
     assert [it.key for it in by_range.items] == keys and by_range.failures == []
@@ -88,6 +88,11 @@ def test_shards_by_brace_range_by_folder_and_by_single_file(shards):
     assert [it.key for it in by_folder.items] == keys
     single = as_source(str(shards / "train-000001.tar")).discover()
     assert [it.key for it in single.items] == keys[3:]
+    nested = shards.parent / "nested" / "part"
+    nested.mkdir(parents=True)
+    (shards / "train-000000.tar").rename(nested / "train-000000.tar")
+    monkeypatch.chdir(shards.parent)  # a relative, unnormalised --input: the keys do not change
+    assert [it.key for it in as_source("./nested/").discover().items] == ["part/" + k for k in keys[:3]]
 
 
 def test_image_key_picks_the_member(tmp_path):
