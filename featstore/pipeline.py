@@ -1,10 +1,13 @@
-"""`build`: the public entry that turns a folder of images into per-image files and/or a store.
+"""`build`: the public entry that turns images (a folder, or any input of
+`featstore.sources`: an object-storage prefix, tar shards, a file list) into per-image
+files and/or a store.
 
-It checks the options and outputs, loads the model (`featstore.loading`) into a
-`PatchEncoder`, opens the writers (`featstore.npy`, `featstore.store.writer`), and hands
-the images still to do, as one work unit, to the reader (`featstore.reader`) and the
-runner (`featstore.runner`). `build(..., encoder=...)` takes any `ModelEncoder` instead
-of loading a model: the seam for tests and benchmarks.
+It lists the input's images (`Source.discover`), checks the options and outputs, loads
+the model (`featstore.loading`) into a `PatchEncoder`, opens the writers
+(`featstore.npy`, `featstore.store.writer`), and hands the images still to do, as one
+work unit, to the reader (`featstore.reader`) and the runner (`featstore.runner`).
+`build(..., encoder=...)` takes any `ModelEncoder` instead of loading a model: the seam
+for tests and benchmarks.
 """
 
 from __future__ import annotations
