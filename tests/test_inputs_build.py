@@ -279,3 +279,42 @@ def test_tar_samples_as_per_image_files_mirror_their_keys(collection, tmp_path):
     assert written == sorted(k.rsplit(".", 1)[0] + "_mask.npy" for k in KEYS)
     again = build(collection["tars"], options, npy_dir=tmp_path / "npy", encoder=FakeEncoder())
     assert (again.encoded, again.skipped) == (0, len(KEYS))
+
+
+def test_an_object_that_fails_twice_is_retried_and_encoded(collection, tmp_path):
+    """A real HTTP server answering 503 to the first two requests for one object: it is encoded on the third."""
+    import http.server
+    import threading
+
+    body = (collection["folder"] / KEYS[0]).read_bytes()
+    seen: list[str] = []
+
+    class Flaky(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.path)
+            if len(seen) <= 2:
+                self.send_error(503, "busy")
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/flaky.png"
+        (tmp_path / "list.txt").write_text(url + "\n")
+        got = _build(as_source(None, files=tmp_path / "list.txt"), tmp_path / "s.zarr")
+    finally:
+        server.shutdown()
+    assert (got.encoded, got.failures) == (1, [])
+    assert seen == ["/flaky.png"] * 3
+    _build(collection["folder"], tmp_path / "ref.zarr")
+    want = _features(tmp_path / "ref.zarr")[KEYS[0]]
+    [(got_key, row)] = _features(tmp_path / "s.zarr").items()
+    assert got_key == url.removeprefix("http://")
+    np.testing.assert_array_equal(row[0], want[0])
