@@ -18,10 +18,11 @@ import numpy as np
 
 @dataclass(frozen=True, slots=True)
 class ImageItem:
-    """One image file found under the input root."""
+    """One image found in the input: a file, an object, or a member of a tar shard."""
 
     key: str  # POSIX path relative to the input root: the index of every output
-    path: str  # the path as featstore opens it (input root as given + key)
+    path: str  # the path or URL as featstore opens it (input root as given + key)
+    member: str | None = None  # set for a sample of a tar shard: its member name; `path` is the shard
 
 
 @dataclass(frozen=True, slots=True)

@@ -125,13 +125,36 @@ def _status_printer(quiet: bool) -> Any:
 @app.command()
 def build(
     ctx: typer.Context,
-    input: Annotated[Path, typer.Option("--input", "-i", help="Folder of images (searched recursively).")],
     model: Annotated[
         str | None,
         typer.Option(
             "--model",
             "-m",
             help="Registered name (see `featstore models`), HF repo id, folder or .pt. With --preset: its weights.",
+        ),
+    ] = None,
+    input: Annotated[
+        str | None,
+        typer.Option(
+            "--input",
+            "-i",
+            help="Folder of images (searched recursively), s3://BUCKET/PREFIX/, or WebDataset .tar shards "
+            "('train-{000000..000127}.tar', or a folder/prefix of .tar files).",
+        ),
+    ] = None,
+    files: Annotated[
+        Path | None,
+        typer.Option(
+            "--files",
+            help="Encode only these images, in this order: a text file (one path or URL a line; relative paths "
+            "start at --input) or a .csv/.parquet table with --column.",
+        ),
+    ] = None,
+    column: Annotated[str | None, typer.Option("--column", help="The --files table's column of paths.")] = None,
+    image_key: Annotated[
+        str | None,
+        typer.Option(
+            "--image-key", help="Tar shards: the member extension holding the image (default: jpg/jpeg/png/webp)."
         ),
     ] = None,
     npy_dir: Annotated[
@@ -148,7 +171,9 @@ def build(
     ] = None,
     storage_option: Annotated[
         list[str] | None,
-        typer.Option("--storage-option", help="KEY=VALUE for an s3:// store (e.g. endpoint_url=...); repeatable."),
+        typer.Option(
+            "--storage-option", help="KEY=VALUE for an s3:// store or input (e.g. endpoint_url=...); repeatable."
+        ),
     ] = None,
     size: Annotated[
         int | None,
@@ -205,7 +230,7 @@ def build(
     strict: Annotated[bool, typer.Option("--strict", help=f"Exit {EXIT_SOME_FAILED} if any image failed.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Encode every image under --input; skips images already done (resume by re-running).
+    """Encode every image of --input (or --files); skips images already done (resume by re-running).
 
     Ctrl-C, SIGTERM or SIGHUP stop after the current batch, keeping what was encoded.
     """
@@ -232,11 +257,16 @@ def build(
         preset=preset,
         embedding=embedding,
     )
+    from featstore.sources import as_source
     from featstore.store.location import as_location, parse_storage_options
 
-    where = as_location(store, parse_storage_options(storage_option or ())) if store is not None else None
+    storage_options = parse_storage_options(storage_option or ())
+    where = as_location(store, storage_options) if store is not None else None
+    source = as_source(
+        input, files=files, column=column, image_key=image_key, storage_options=storage_options, recursive=recursive
+    )
     result = run_build(
-        input,
+        source,
         options,
         npy_dir=npy_dir,
         store=where,

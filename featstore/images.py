@@ -10,6 +10,7 @@ and max-pool `alpha > 0` to the patch grid. Normalisation happens on the encoder
 from __future__ import annotations
 
 import errno
+import io
 import os
 import stat
 import warnings
@@ -217,19 +218,23 @@ def open_image(path: str, *, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) ->
 
 
 def _decode(
-    path: str, *, size: int, max_pixels: int, draft: bool = True
+    path: str | bytes, *, size: int, max_pixels: int, draft: bool = True
 ) -> tuple[np.ndarray | Image.Image, tuple[int, int]]:
-    """Decode to RGBA uint8 (H, W, 4), or to an RGB image when the file has no transparency,
-    and the size (H, W) before any resizing.
+    """Decode a file (by path) or an image's bytes (a tar member, a remote object) to RGBA
+    uint8 (H, W, 4), or to an RGB image when it has no transparency, and the size (H, W)
+    before any resizing.
 
     Refuses (ImageError) anything that is not a decodable image, and images over
     `max_pixels` before decoding them (their header gives the size). JPEGs much larger
     than `size` are decoded at a reduced scale (`Image.draft`, DCT scaling by a power
     of two, never below `size` on the shorter side) unless `draft` is off.
     """
-    _check_file(path)
+    if not isinstance(path, bytes):
+        _check_file(path)
+    elif not path:
+        raise ImageError("empty file (0 bytes)")
     try:
-        with open(path, "rb") as f, warnings.catch_warnings():
+        with io.BytesIO(path) if isinstance(path, bytes) else open(path, "rb") as f, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             head = f.read(1024)
             f.seek(0)
@@ -250,8 +255,7 @@ def _decode(
                     im.draft(im.mode, (size, size))
                 im.seek(0)  # first frame of animations and multi-page files
                 im.load()
-                im = ImageOps.exif_transpose(im)
-                rgba = _to_rgba(im)
+                rgba = _to_rgba(ImageOps.exif_transpose(im))
     except ImageError:
         raise
     except PermissionError:
@@ -339,7 +343,7 @@ def float_premultiplied(im: Image.Image, size: int, preprocess: Preprocess) -> t
     f = resized.astype(np.float32) / 255
     if resized.shape[2] == 3:
         return np.ascontiguousarray(f), None
-    return np.ascontiguousarray(f[:, :, :3] * f[:, :, 3:]), resized[..., 3]
+    return np.ascontiguousarray(f[:, :, :3] * f[:, :, 3:]), np.asarray(resized[..., 3])
 
 
 def patch_mask(alpha: np.ndarray, grid: int) -> np.ndarray:
@@ -356,12 +360,15 @@ def load_sample(
     grid: int,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     preprocess: Preprocess = DEFAULT_PREPROCESS,
+    data: bytes | None = None,
 ) -> Sample:
-    """Everything the worker does for one image; failures become a Sample with `error`."""
+    """Everything the worker does for one image (read from `item.path`, or `data` when the
+    reader fetched its bytes); failures become a Sample with `error`."""
     try:
         # exact presets decode at full scale, as the scripts they reproduce do
         exact = preprocess.premultiply == "float"
-        pixels, orig_hw = _decode(item.path, size=size, max_pixels=max_pixels, draft=not exact)
+        source = item.path if data is None else data
+        pixels, orig_hw = _decode(source, size=size, max_pixels=max_pixels, draft=not exact)
         if exact:
             im = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels, "RGBA")
             rgb, alpha = float_premultiplied(im, size, preprocess)

@@ -1,10 +1,13 @@
-"""`build`: the public entry that turns a folder of images into per-image files and/or a store.
+"""`build`: the public entry that turns images (a folder, or any input of
+`featstore.sources`: an object-storage prefix, tar shards, a file list) into per-image
+files and/or a store.
 
-It checks the options and outputs, loads the model (`featstore.loading`) into a
-`PatchEncoder`, opens the writers (`featstore.npy`, `featstore.store.writer`), and hands
-the images still to do, as one work unit, to the reader (`featstore.reader`) and the
-runner (`featstore.runner`). `build(..., encoder=...)` takes any `ModelEncoder` instead
-of loading a model: the seam for tests and benchmarks.
+It lists the input's images (`Source.discover`), checks the options and outputs, loads
+the model (`featstore.loading`) into a `PatchEncoder`, opens the writers
+(`featstore.npy`, `featstore.store.writer`), and hands the images still to do, as one
+work unit, to the reader (`featstore.reader`) and the runner (`featstore.runner`).
+`build(..., encoder=...)` takes any `ModelEncoder` instead of loading a model: the seam
+for tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -22,19 +25,13 @@ import torch
 from featstore.batches import EncodingInfo, Failure, Writer
 from featstore.encoder import Encoded, Encoder, PatchEncoder
 from featstore.errors import BuildInterrupted, ConfigError
-from featstore.images import (
-    DEFAULT_MAX_PIXELS,
-    IMAGE_EXTENSIONS,
-    Preprocess,
-    discover,
-    output_collisions,
-    unusable_names,
-)
+from featstore.images import DEFAULT_MAX_PIXELS, Preprocess, output_collisions, unusable_names
 from featstore.loading import LoadedModel, check_preset_options, load_model
 from featstore.npy import NpyWriter
 from featstore.reader import ImageReader
 from featstore.runner import ProgressFn, RunResult, StageTimes, output_error, run
 from featstore.signals import StopRequest
+from featstore.sources import Source, as_source
 
 __all__ = ["BuildOptions", "BuildResult", "ModelEncoder", "build"]
 
@@ -200,17 +197,11 @@ def _check_options(options: BuildOptions) -> None:
     resolve_device(options.device)
 
 
-def _no_images(input_dir: str | os.PathLike[str], recursive: bool) -> ConfigError:
-    exts = " ".join(sorted(IMAGE_EXTENSIONS))
-    where = "under" if recursive else "directly in"
-    return ConfigError(f"no images found {where} {os.fspath(input_dir)} (looked for {exts}, any case)")
-
-
 # ---------------------------------------------------------------- build
 
 
 def build(
-    input_dir: str | os.PathLike[str],
+    input_dir: str | os.PathLike[str] | Source,
     options: BuildOptions,
     *,
     npy_dir: str | os.PathLike[str] | None = None,
@@ -221,7 +212,8 @@ def build(
     encoder: ModelEncoder | None = None,
     log: Callable[[str], None] | None = None,
 ) -> BuildResult:
-    """Encode every image under `input_dir` into per-image files and/or a store.
+    """Encode every image of `input_dir` (a folder, or any `featstore.sources.Source`)
+    into per-image files and/or a store.
 
     Images whose outputs exist are skipped. `encoder` replaces loading `options.model`
     (`loaded` reuses a loaded model). `progress_factory(total)` returns a context manager
@@ -236,9 +228,14 @@ def build(
     if npy_dir is None and store is None:
         raise ConfigError("nothing to write: give --npy-dir, --store or both")
     _check_options(options)
-    items = discover(input_dir, recursive=options.recursive)
+    source = input_dir if isinstance(input_dir, Source) else as_source(input_dir, recursive=options.recursive)
+    found = source.discover()  # missing shards, samples without an image, ...: failures, by name
+    items = found.items
     if not items:
-        raise _no_images(input_dir, options.recursive)
+        if found.failures:
+            first = found.failures[0]
+            raise ConfigError(f"{source.no_images()}; {len(found.failures)} failed, first {first.key}: {first.reason}")
+        raise source.no_images()
     if store is not None:
         from featstore.store.writer import refuse_busy_store
 
@@ -282,7 +279,7 @@ def build(
             raise output_error(e) from None
 
         bad_names = unusable_names(items)  # not UTF-8, backslash: refused per file
-        failures: list[Failure] = list(bad_names.values())
+        failures: list[Failure] = found.failures + list(bad_names.values())
         items = [it for it in items if it.key not in bad_names]
         if npy_dir is not None:  # a.png and a.jpg would both write a.npy: refuse the later one
             clashes = output_collisions(items)
@@ -307,6 +304,7 @@ def build(
             pin=device.type == "cuda",
             max_pixels=options.max_pixels,
             preprocess=encoder.preprocess,
+            remote=source.remote,
         )
         startup = time.perf_counter() - started
         progress_ctx = progress_factory(len(todo)) if progress_factory else nullcontext(None)

@@ -5,20 +5,36 @@ A work unit is any sequence of `ImageItem`s, usually a slice of the sorted image
 build hands each process its units). `ImageReader.batches(unit)` decodes the unit in a
 torch DataLoader whose worker processes run `featstore.images.load_sample`, and yields
 uint8 `ImageBatch`es in the unit's order. The reader holds no state between units.
+
+Three kinds of item, each read its own way (a unit holding several reads them in turn):
+local files are opened by the workers; remote objects are fetched by each worker a
+batch at a time with `FETCH_THREADS` requests in flight, decoding each as it arrives
+(with the DataLoader's prefetch, the next batches are fetched meanwhile); the samples
+of a tar shard are read from one sequential stream by one worker (shards are dealt
+round-robin to the workers, so batches of a tar unit come in shard, not key, order).
+Nothing is staged on disk; memory holds a few batches per worker.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import tarfile
+import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import groupby
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from featstore.batches import Failure, ImageBatch, ImageItem, Sample
 from featstore.images import DEFAULT_MAX_PIXELS, DEFAULT_PREPROCESS, Preprocess, load_sample
+from featstore.sources import FETCH_ATTEMPTS, FETCH_BACKOFF_S, Remote, fetch_error, is_url
+
+FETCH_THREADS = 16  # remote requests in flight per decode worker
 
 
 class _ImageDataset(Dataset[Sample]):
@@ -35,6 +51,98 @@ class _ImageDataset(Dataset[Sample]):
         return load_sample(
             self.items[i], size=self.size, grid=self.grid, max_pixels=self.max_pixels, preprocess=self.preprocess
         )
+
+
+class _ObjectDataset(_ImageDataset):
+    """Remote objects: a batch's fetches go out together (the DataLoader calls `__getitems__`)."""
+
+    def __init__(
+        self, items: Sequence[ImageItem], size: int, grid: int, max_pixels: int, preprocess: Preprocess, remote: Remote
+    ) -> None:
+        super().__init__(items, size, grid, max_pixels, preprocess)
+        self.remote = remote
+        self._pool: tuple[int, ThreadPoolExecutor] | None = None
+
+    def __getstate__(self) -> dict[str, object]:  # spawned workers: the pool stays behind
+        return {**self.__dict__, "_pool": None}
+
+    def _fetch(self, item: ImageItem) -> bytes | str:
+        try:
+            return self.remote.fetch(item.path)
+        except Exception as e:  # this object fails, the run goes on
+            return fetch_error(e)
+
+    def _sample(self, item: ImageItem, data: bytes | str) -> Sample:
+        if isinstance(data, str):
+            return Sample(item, error=data)
+        return load_sample(
+            item, size=self.size, grid=self.grid, max_pixels=self.max_pixels, preprocess=self.preprocess, data=data
+        )
+
+    def __getitem__(self, i: int) -> Sample:
+        return self._sample(self.items[i], self._fetch(self.items[i]))
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Sample]:
+        if self._pool is None or self._pool[0] != os.getpid():  # a forked worker: threads do not survive fork
+            self._pool = (os.getpid(), ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="featstore-fetch"))
+        items = [self.items[i] for i in indices]
+        return [self._sample(it, data) for it, data in zip(items, self._pool[1].map(self._fetch, items), strict=True)]
+
+
+class _ShardDataset(IterableDataset[Sample]):
+    """Tar shards, each read start to end by one worker: [(shard path, its items to do), ...]."""
+
+    def __init__(
+        self,
+        shards: list[tuple[str, list[ImageItem]]],
+        size: int,
+        grid: int,
+        max_pixels: int,
+        preprocess: Preprocess,
+        remote: Remote | None,
+    ) -> None:
+        self.shards, self.size, self.grid, self.max_pixels, self.remote = shards, size, grid, max_pixels, remote
+        self.preprocess = preprocess
+
+    def __iter__(self) -> Iterator[Sample]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for shard, items in self.shards[worker::workers]:
+            yield from self._read(shard, items)
+
+    def _read(self, shard: str, items: list[ImageItem]) -> Iterator[Sample]:
+        todo = {it.member: it for it in items}
+        reason = "not found in the shard when read"
+        for attempt in range(FETCH_ATTEMPTS):
+            try:
+                remote = self.remote if is_url(shard) else None
+                with remote.open(shard) if remote else open(shard, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
+                    for m in tf:
+                        item = todo.pop(m.name, None)
+                        if item is None:
+                            continue  # another sample's member, or a key already done
+                        data = tf.extractfile(m).read()  # type: ignore[union-attr]
+                        yield load_sample(
+                            item,
+                            size=self.size,
+                            grid=self.grid,
+                            max_pixels=self.max_pixels,
+                            preprocess=self.preprocess,
+                            data=data,
+                        )
+                        if not todo:
+                            return
+                break
+            except (tarfile.TarError, EOFError) as e:  # changed or cut short since it was listed
+                reason = f"truncated or corrupt tar shard {shard}: {e}"
+                break
+            except Exception as e:  # a network error: re-read the shard, skipping what was yielded
+                reason = f"tar shard {shard}: {fetch_error(e)}"
+                if remote is None or isinstance(e, (FileNotFoundError, PermissionError)):
+                    break
+                time.sleep(FETCH_BACKOFF_S * 2**attempt)
+        for item in todo.values():
+            yield Sample(item, error=reason)
 
 
 def collate(samples: list[Sample]) -> ImageBatch:
@@ -66,17 +174,39 @@ class ImageReader:
     pin: bool = False  # page-locked batches, for fast copies to a CUDA device
     max_pixels: int = DEFAULT_MAX_PIXELS
     preprocess: Preprocess = DEFAULT_PREPROCESS  # the model family's resize and premultiply
+    remote: Remote | None = None  # reads the unit's remote objects and shards
 
     def batches(self, unit: Sequence[ImageItem]) -> Iterator[ImageBatch]:
-        """Batches of `unit`, in order; images that cannot be used are the batches' failures."""
+        """Batches of `unit` (files and objects in order, tar samples shard by shard);
+        images that cannot be used are the batches' failures."""
+        files = [it for it in unit if it.member is None and not is_url(it.path)]
+        objects = [it for it in unit if it.member is None and is_url(it.path)]
+        members = [it for it in unit if it.member is not None]
+        if files:
+            yield from self._load(_ImageDataset(files, self.size, self.grid, self.max_pixels, self.preprocess))
+        if objects:
+            remote = self.remote or Remote(objects[0].path.partition("://")[0])
+            yield from self._load(
+                _ObjectDataset(objects, self.size, self.grid, self.max_pixels, self.preprocess, remote)
+            )
+        if members:
+            shards = [(path, list(group)) for path, group in groupby(members, key=lambda it: it.path)]
+            workers = min(self.workers, len(shards))  # a worker with no shard would only cost a fork
+            first = members[0].path
+            opener = self.remote or (Remote(first.partition("://")[0]) if is_url(first) else None)
+            dataset = _ShardDataset(shards, self.size, self.grid, self.max_pixels, self.preprocess, opener)
+            yield from self._load(dataset, workers)
+
+    def _load(self, dataset: Dataset[Sample], workers: int | None = None) -> Iterator[ImageBatch]:
+        workers = self.workers if workers is None else workers
         loader = DataLoader(
-            _ImageDataset(unit, self.size, self.grid, self.max_pixels, self.preprocess),
+            dataset,
             batch_size=self.batch_size,
-            num_workers=self.workers,
+            num_workers=workers,
             collate_fn=collate,
             pin_memory=self.pin,
-            prefetch_factor=4 if self.workers else None,
+            prefetch_factor=4 if workers else None,
             persistent_workers=False,
-            worker_init_fn=_ignore_stop_signals if self.workers else None,
+            worker_init_fn=_ignore_stop_signals if workers else None,
         )
         yield from loader
