@@ -350,7 +350,7 @@ def patch_mask(alpha: np.ndarray, grid: int) -> np.ndarray:
     """1 where any pixel of a patch is visible (alpha > 0): max-pool to (grid, grid)."""
     size = alpha.shape[0]
     p = size // grid
-    return (alpha > 0).reshape(grid, p, grid, p).any(axis=(1, 3)).astype(np.uint8)
+    return np.asarray((alpha > 0).reshape(grid, p, grid, p).any(axis=(1, 3)), dtype=np.uint8)
 
 
 def load_sample(
