@@ -110,6 +110,8 @@ class S3Server:
             "-s3",
             f"-s3.port={s3}",
             f"-s3.config={config}",
+            "-s3.port.iceberg=0",  # the Iceberg and Lance endpoints listen on fixed ports (8181, 9101)
+            "-s3.port.lance=0",  # by default: off, so that two test sessions can run at once
         ]
         with open(server.log, "wb") as log:
             server.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
