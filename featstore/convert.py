@@ -163,11 +163,14 @@ def _info_from_meta(meta: dict[str, Any], model: str | None) -> EncodingInfo:
     )
     mean, std = CLIP_MEAN_STD if family == "clip" else IMAGENET_MEAN_STD
     name = model or str(meta.get("model", "unknown"))
-    from featstore.models import preprocessing_for  # the registry knows each family's preprocessing
+    from featstore.models import lookup, preprocessing_for  # the registry knows each family's preprocessing
 
     known = preprocessing_for(name, feature_type)
     if known is not None:
         family, mean, std = known
+    spec = lookup(model) if model else None  # --model names who made them: it must fit the channels
+    if spec is not None and "hidden_dim" in meta:
+        clip_output = _clip_output_for(spec, int(meta["hidden_dim"]), model or name)
     try:
         c, g = int(meta["hidden_dim"]), int(meta["grid_size"])
         return EncodingInfo(
@@ -188,6 +191,18 @@ def _info_from_meta(meta: dict[str, Any], model: str | None) -> EncodingInfo:
         raise StoreError(f"per-image JSON lacks or garbles {e}; expected the reference scripts' fields") from None
 
 
+def _clip_output_for(spec: Any, channels: int, model: str) -> str:
+    """Which output of `spec` has `channels` channels (raw, or CLIP's projected), or a
+    ConfigError saying that these features were not made by that model."""
+    outputs = {spec.hidden_dim: "raw"}
+    if spec.adapter.offers_projected and spec.embed_dim:
+        outputs.setdefault(spec.embed_dim, "projected")
+    if channels not in outputs:
+        made = " or ".join(f"{c} ({o})" for c, o in outputs.items())
+        raise ConfigError(f"the features have {channels} channels, but {model} makes {made}: a different model?")
+    return outputs[channels]
+
+
 def _info_from_arrays(features: np.ndarray, model: str) -> EncodingInfo:
     try:
         from featstore.models import lookup
@@ -200,17 +215,15 @@ def _info_from_arrays(features: np.ndarray, model: str) -> EncodingInfo:
         raise StoreError(f"features of shape {features.shape} are not a (C, g, g) map")
     c, g = int(features.shape[0]), int(features.shape[1])
     spec = lookup(model)
-    family = spec.family if spec else ("dinov2" if "dino" in model.lower() else "clip")
-    if spec is not None:
-        clip_output = "projected" if spec.family == "clip" and spec.embed_dim == c != spec.hidden_dim else "raw"
-        feature_type = spec.feature_type(clip_output)
-        size = g * spec.patch_size
-        mean, std = spec.mean, spec.std
-    else:
-        clip_output = "raw"
-        feature_type = "clip_vit_last_layer" if family == "clip" else "dinov2_patch_features"
-        size = 0  # unknown
-        mean, std = CLIP_MEAN_STD if family == "clip" else IMAGENET_MEAN_STD
+    if spec is None:
+        raise ConfigError(
+            f"{model!r} is not a registered model (see `featstore models`) and the files have no per-image .json: "
+            "the input size, preprocessing and feature type of these features are unknown; name the registered "
+            "model that made them, or import files written with their .json (--save-meta)"
+        )
+    clip_output = _clip_output_for(spec, c, model)
+    family, feature_type, size = spec.family, spec.feature_type(clip_output), g * spec.patch_size
+    mean, std = spec.mean, spec.std
     return EncodingInfo(
         model=model,
         model_source={"kind": "imported", "id": model},

@@ -49,6 +49,10 @@ def _upscale(a: np.ndarray, size: int) -> Image.Image:
 def _source_tile(image_root: Path, key: str, size: int) -> Image.Image:
     output_stem(image_root, key)  # refuses keys that would leave image_root
     path = image_root.joinpath(*key.split("/"))
+    if not os.path.lexists(path):
+        raise ImageError(
+            f"the source image of {key!r} is not under {image_root} (no {path}): is --image the --input root?"
+        )
     try:  # exactly the pixels the model saw: premultiplied, resized and cropped as in a build
         rgba, _ = open_image(str(path), size=size)
     except ImageError as e:

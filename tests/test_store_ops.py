@@ -86,33 +86,45 @@ def test_import_with_json_round_trips(tmp_path: Path) -> None:
     assert import_npy(npy, store).skipped == len(KEYS)  # a rerun adds nothing
 
 
-def test_import_without_json_needs_a_model(tmp_path: Path) -> None:
-    info = make_info()
+def test_import_without_json_needs_a_registered_model_that_fits(tmp_path: Path) -> None:
+    info = make_info(hidden_dim=768, grid=7)  # ViT-B/32 at 224, raw
     npy = tmp_path / "npy"
     w = NpyWriter(npy, info, save_meta=False, overwrite=False)
     w.pending(KEYS)
-    w.write(make_batch(KEYS))
+    w.write(make_batch(KEYS, info=info))
     with pytest.raises(ConfigError, match="--model"):
         import_npy(npy, tmp_path / "s.zarr")
+    with pytest.raises(ConfigError, match=r"768 channels, but facebook/dinov2-small makes 384 \(raw\)"):
+        import_npy(npy, tmp_path / "s.zarr", model="facebook/dinov2-small")  # would mislabel the store
+    with pytest.raises(ConfigError, match=r"not a registered model .* size, preprocessing and feature type .* unknown"):
+        import_npy(npy, tmp_path / "s.zarr", model="my-own-vit")
+    assert not (tmp_path / "s.zarr").exists()  # refused before anything was written
     result = import_npy(npy, tmp_path / "s.zarr", model="ViT-B/32")
     assert result.imported == len(KEYS)
     with open_store(tmp_path / "s.zarr") as s:
         assert "sub/b.npy" in s and "dots.in.name.npy" in s
-        assert s.info.hidden_dim == C and s.info.grid == G and s.info.dtype == "float16"
+        assert s.info.hidden_dim == 768 and s.info.grid == 7 and s.info.dtype == "float16"
+        assert s.info.size == 224 and s.info.clip_output == "raw" and s.info.family == "clip"
         np.testing.assert_array_equal(s["sub/b.npy"].features, np.load(npy / "sub" / "b.npy"))
     export_npy(tmp_path / "s.zarr", tmp_path / "again", save_meta=False)
     assert files_of(tmp_path / "again") == files_of(npy)  # same file names back
 
 
+def test_import_with_json_refuses_a_model_that_does_not_fit(tmp_path: Path) -> None:
+    npy, _ = build_both(tmp_path, ".zarr")  # 16-channel rows whose JSON says ViT-B/32
+    with pytest.raises(ConfigError, match="16 channels, but facebook/dinov2-small makes 384"):
+        import_npy(npy, tmp_path / "s.h5", model="facebook/dinov2-small")
+
+
 def test_import_refuses_odd_files(tmp_path: Path) -> None:
     npy = tmp_path / "npy"
     npy.mkdir()
-    np.save(npy / "a.npy", np.zeros((C, G, G), np.float16))
+    np.save(npy / "a.npy", np.zeros((384, G, G), np.float16))  # dinov2-small's channels
     np.save(npy / "a_mask.npy", np.ones((G, G), np.uint8))
-    np.save(npy / "b.npy", np.zeros((C, G + 1, G + 1), np.float16))
+    np.save(npy / "b.npy", np.zeros((384, G + 1, G + 1), np.float16))
     np.save(npy / "b_mask.npy", np.ones((G + 1, G + 1), np.uint8))
     np.save(npy / "lonely.npy", np.zeros(3))
-    result = import_npy(npy, tmp_path / "s.zarr", model="my-model")
+    result = import_npy(npy, tmp_path / "s.zarr", model="facebook/dinov2-small")
     assert result.imported == 1 and [f.key for f in result.refused] == ["b.npy"]
     with pytest.raises(StoreError, match="no reference-format outputs"):
         import_npy(tmp_path / "s.zarr", tmp_path / "t.zarr", model="m")
@@ -259,6 +271,19 @@ def test_cli_unknown_rows_are_one_line_naming_them(
     assert "no row 99" in _one_line_error(["preview", str(cli_store), "99", "-o", out], capsys)
     err = _one_line_error(["export-npy", str(cli_store), str(tmp_path / "x"), "--keys", "nosuch.png"], capsys)
     assert "nosuch.png" in err and not (tmp_path / "x").exists()
+
+
+def test_cli_preview_with_the_wrong_image_root_says_so(
+    cli_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with open_store(cli_store) as s:
+        key = s.keys()[0]
+    wrong = tmp_path / "elsewhere"
+    wrong.mkdir()
+    err = _one_line_error(
+        ["preview", str(cli_store), key, "--image", str(wrong), "-o", str(tmp_path / "p.png")], capsys
+    )
+    assert f"the source image of {key!r} is not under {wrong}" in err and "deleted during the run" not in err
 
 
 def test_cli_info_lists_failures_and_preprocessing(tmp_path: Path) -> None:

@@ -537,10 +537,11 @@ def create_store(blobs: Blobs, attrs: dict[str, Any], info: EncodingInfo, shard_
 
 
 def _running_here(claim: str) -> int | None:
-    """The pid in a claim made on this host by another process that still runs, else None.
+    """The pid in a claim made on this host by a process that still runs, else None.
 
-    Claims name host and pid (see `ZarrShardWriter._init_claims`). A claim of another
-    host cannot be checked from here: it counts as left by a killed build.
+    Claims name host and pid (see `ZarrShardWriter._init_claims`) and are deleted by the
+    writer when it closes, so one that remains belongs to a running build or a killed one.
+    A claim of another host cannot be checked from here: it counts as left by a killed build.
     """
     import socket
 
@@ -548,8 +549,8 @@ def _running_here(claim: str) -> int | None:
     if fields.get("host") != socket.gethostname() or not fields.get("pid", "").isdigit():
         return None
     pid = int(fields["pid"])
-    if pid == os.getpid():
-        return None
+    if pid == os.getpid():  # another writer object in this process (a writer releases its claims on close)
+        return pid
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -652,6 +653,7 @@ class ZarrShardWriter:
         ids = [i for i in _chunk_ids(self.blobs.list(f"{CLAIMS}/c")) if i >= self.shard]
         found = self.claims.chunks(ids) if ids else []
         self.stale_claims = {i: str(c[0]) for i, c in zip(ids, found, strict=True)}
+        self.my_claims: set[int] = set()
         self._claim(self.shard)  # from now on a second build on this host is refused at once
 
     def _init_claims(self) -> None:
@@ -681,12 +683,14 @@ class ZarrShardWriter:
         or take over one that was stale when this writer opened; else StoreLockedError."""
         key, mine = self.claims.key(shard), self.claims.encode([self.claim_text])
         if self.blobs.create(key, mine):
+            self.my_claims.add(shard)
             return
         holder = self._holder(shard)
         if holder == self.claim_text:
             return
         if holder is None or self.stale_claims.get(shard) == holder:
             self.blobs.write_many({key: mine})
+            self.my_claims.add(shard)
             return
         raise StoreLockedError(
             f"{self.location}: shard {shard} is being written by another writer ({holder.split(' since')[0]}); "
@@ -802,6 +806,14 @@ class ZarrShardWriter:
             self.blobs.write_many({"zarr.json": _put_json(group)})
 
     def close(self) -> None:
+        """Release this writer's claims (those still its own), so that the next build finds
+        none of a running writer, then the connection."""
+        try:
+            mine = [self.claims.key(s) for s in sorted(self.my_claims) if self._holder(s) == self.claim_text]
+            self.blobs.delete_many(mine)
+        except Exception:
+            pass
+        self.my_claims.clear()
         self.blobs.close()
 
 
