@@ -32,6 +32,12 @@ PUT can be conditional (`If-None-Match: *`), a prefix can be listed. No rename, 
   complete, when this writer opened the store: that one's writer is gone (a killed
   build; one build writes a store at a time) and is taken over. New shards' keys
   chunks are also created conditionally, as a second guard.
+- A writer claims the shard it will write first as soon as it opens the store, and
+  deletes its claims when it closes. So a claim that remains belongs to a running
+  writer or a killed one: one made on this host by a process that still runs (or by
+  this process) refuses the new writer before it touches anything (and a build checks
+  this before it loads its model); one of another host cannot be checked and counts as
+  a killed build's.
 - A writer that reopens a store refills its last, partial shard: it reads the committed
   rows back and rewrites every object of that shard whole (replacing, never adding a
   copy), the keys chunk last. Committed rows keep their bytes and offsets in the new
@@ -53,9 +59,9 @@ PUT can be conditional (`If-None-Match: *`), a prefix can be listed. No rename, 
 Failures it survives: a writer killed at any moment (before its keys chunk, the shard
 does not exist; after it, it is complete; a rerun refills the partial shard, skips
 committed keys, so no key is ever stored twice); a crash while creating the store
-(no group `zarr.json`: no store; the rerun creates it); two builds of one store (the
-second stops at its first claim, before writing; a build started after another was
-killed takes over its claims); readers at any instant (they see a prefix of whole
+(no group `zarr.json`: no store; the rerun creates it); two builds of one store on one
+host (the second is refused when it opens; a build started after another was killed
+takes over its claims); readers at any instant (they see a prefix of whole
 shards). Local writes go through zarr's LocalStore (a temporary file renamed into place)
 and a killed writer's temporary files are deleted by the next writer.
 `--overwrite` deletes the old store first, commit records first (readers see whole shards
