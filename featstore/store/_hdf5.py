@@ -304,10 +304,14 @@ class Hdf5Sink:
                 self.base = Hdf5FeatureStore(location)
                 check_compatible(self.path, self.base.info, info)
             try:
-                self.stage = ZarrSink(stage, info, version=version, overwrite=False, shard_rows=shard_rows)
+                self.stage = ZarrSink(
+                    stage, info, version=version, overwrite=False, shard_rows=shard_rows, guarded=True
+                )
             except CorruptStoreError:  # a crash while creating it: it held no rows
                 delete_store(LocalBlobs(stage))
-                self.stage = ZarrSink(stage, info, version=version, overwrite=False, shard_rows=shard_rows)
+                self.stage = ZarrSink(
+                    stage, info, version=version, overwrite=False, shard_rows=shard_rows, guarded=True
+                )
             except _StoreError:
                 raise
             self.old_failures = self.base.failed if self.base is not None else []

@@ -591,14 +591,23 @@ class ZarrShardWriter:
     """
 
     def __init__(
-        self, location: Location, info: EncodingInfo, *, version: str, overwrite: bool, shard_rows: int
+        self,
+        location: Location,
+        info: EncodingInfo,
+        *,
+        version: str,
+        overwrite: bool,
+        shard_rows: int,
+        guarded: bool = False,
     ) -> None:
+        """`guarded`: the caller already holds a lock that keeps other writers out (the
+        HDF5 backend's stage), so claims found at open are never a running writer's."""
         self.location = location
         self.blobs = open_blobs(location)
         if isinstance(self.blobs, RemoteBlobs):
             self.blobs.check_reachable()
         exists = self.blobs.read("zarr.json") is not None
-        if exists and (pid := live_writer(self.blobs)) is not None:  # before touching anything of it
+        if exists and not guarded and (pid := live_writer(self.blobs)) is not None:  # before touching anything
             raise StoreLockedError(f"{location} is being written by another featstore build (pid {pid})")
         if exists and overwrite:
             delete_store(self.blobs)
@@ -856,9 +865,16 @@ class ZarrSink(ZarrShardWriter):
     """The Zarr backend's side of `StoreWriter`."""
 
     def __init__(
-        self, location: Location, info: EncodingInfo, *, version: str, overwrite: bool, shard_rows: int
+        self,
+        location: Location,
+        info: EncodingInfo,
+        *,
+        version: str,
+        overwrite: bool,
+        shard_rows: int,
+        guarded: bool = False,
     ) -> None:
-        super().__init__(location, info, version=version, overwrite=overwrite, shard_rows=shard_rows)
+        super().__init__(location, info, version=version, overwrite=overwrite, shard_rows=shard_rows, guarded=guarded)
         from featstore.store.base import failures_from_attrs
 
         self.old_failures = failures_from_attrs(self.attrs)
