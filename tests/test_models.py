@@ -3,7 +3,7 @@ import pytest
 from featstore.errors import ConfigError
 from featstore.models import REGISTRY, lookup, spec_from_hf_config
 
-# SPEC.md, "Shapes at --size 224"
+# Shapes at --size 224 (the README's models table)
 EXPECTED_224 = {
     "ViT-B/32": (768, 7),
     "ViT-B/16": (768, 14),

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from featstore.images import Preprocess
-from featstore.models.family import Family, register, register_family
+from featstore.models.family import Family, register, register_family, vit_config_fields
 from featstore.models.spec import CLIP_MEAN, CLIP_STD, ModelSpec
 
 
@@ -54,12 +54,7 @@ class ClipFamily(Family):
         import transformers
 
         return transformers.CLIPVisionConfig(
-            hidden_size=spec.hidden_dim,
-            intermediate_size=spec.intermediate_size,
-            num_hidden_layers=spec.num_layers,
-            num_attention_heads=spec.num_heads,
-            patch_size=spec.patch_size,
-            image_size=spec.native_size,
+            **vit_config_fields(spec),
             projection_dim=spec.embed_dim or spec.hidden_dim,
             layer_norm_eps=1e-5,
             **{"hidden_act": "quick_gelu", **dict(spec.extra_config)},

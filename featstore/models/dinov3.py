@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from featstore.images import Preprocess
-from featstore.models.family import Family, register, register_family
+from featstore.models.family import TINY_VIT, Family, register, register_family, vit_config_fields
 from featstore.models.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
 
 
@@ -45,28 +45,13 @@ class Dinov3Family(Family):
         import transformers
 
         return transformers.DINOv3ViTConfig(
-            hidden_size=spec.hidden_dim,
-            intermediate_size=spec.intermediate_size,
-            num_hidden_layers=spec.num_layers,
-            num_attention_heads=spec.num_heads,
-            patch_size=spec.patch_size,
-            image_size=spec.native_size,
-            num_register_tokens=spec.num_registers,
-            **dict(spec.extra_config),
+            **vit_config_fields(spec), num_register_tokens=spec.num_registers, **dict(spec.extra_config)
         )
 
     def tiny_config(self) -> Any:
         import transformers
 
-        return transformers.DINOv3ViTConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            patch_size=8,
-            image_size=32,
-            num_register_tokens=4,
-        )
+        return transformers.DINOv3ViTConfig(**TINY_VIT, num_register_tokens=4)
 
     def model_class(self, spec: ModelSpec) -> Any:
         import transformers

@@ -80,6 +80,24 @@ class Family:
         return spec.hidden_dim
 
 
+def vit_config_fields(spec: ModelSpec) -> dict[str, Any]:
+    """The fields every ViT family's transformers config takes from a spec."""
+    return dict(
+        hidden_size=spec.hidden_dim,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        patch_size=spec.patch_size,
+        image_size=spec.native_size,
+    )
+
+
+# A tiny ViT (2 layers, width 32, patch 8 at 32 px): random-weight tests and smoke benchmarks.
+TINY_VIT: dict[str, Any] = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=8, image_size=32
+)
+
+
 def register_family(family: Family) -> Family:
     FAMILIES[family.name] = family
     return family

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from featstore.errors import ConfigError
 from featstore.images import Preprocess
-from featstore.models.family import Family, register, register_family
+from featstore.models.family import TINY_VIT, Family, register, register_family, vit_config_fields
 from featstore.models.spec import HALF_MEAN, HALF_STD, ModelSpec
 
 NAFLEX_MODEL_TYPES = ("siglip2", "siglip2_vision_model")
@@ -60,27 +60,12 @@ class SiglipFamily(Family):
     def hf_config(self, spec: ModelSpec) -> Any:
         import transformers
 
-        return transformers.SiglipVisionConfig(
-            hidden_size=spec.hidden_dim,
-            intermediate_size=spec.intermediate_size,
-            num_hidden_layers=spec.num_layers,
-            num_attention_heads=spec.num_heads,
-            patch_size=spec.patch_size,
-            image_size=spec.native_size,
-            **dict(spec.extra_config),
-        )
+        return transformers.SiglipVisionConfig(**vit_config_fields(spec), **dict(spec.extra_config))
 
     def tiny_config(self) -> Any:
         import transformers
 
-        return transformers.SiglipVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            patch_size=8,
-            image_size=32,
-        )
+        return transformers.SiglipVisionConfig(**TINY_VIT)
 
     def model_class(self, spec: ModelSpec) -> Any:
         import transformers
