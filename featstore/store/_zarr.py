@@ -864,17 +864,8 @@ def upgrade_store(location: Location) -> tuple[int, int]:
 class ZarrSink(ZarrShardWriter):
     """The Zarr backend's side of `StoreWriter`."""
 
-    def __init__(
-        self,
-        location: Location,
-        info: EncodingInfo,
-        *,
-        version: str,
-        overwrite: bool,
-        shard_rows: int,
-        guarded: bool = False,
-    ) -> None:
-        super().__init__(location, info, version=version, overwrite=overwrite, shard_rows=shard_rows, guarded=guarded)
+    def __init__(self, location: Location, info: EncodingInfo, **options: Any) -> None:
+        super().__init__(location, info, **options)  # version, overwrite, shard_rows, guarded: see there
         from featstore.store.base import failures_from_attrs
 
         self.old_failures = failures_from_attrs(self.attrs)
