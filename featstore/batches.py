@@ -76,6 +76,16 @@ class EncodedBatch:
 
 
 @dataclass(frozen=True, slots=True)
+class UnitMark:
+    """In a distributed build's batch stream: a work unit starts (its batches follow) or
+    ends. The runner passes it to every writer that has `begin_unit` / `end_unit`, in
+    order with the batches (see `featstore.distributed`)."""
+
+    unit: Any
+    start: bool
+
+
+@dataclass(frozen=True, slots=True)
 class EncodingInfo:
     """How the features were made. Two stores with different infos must not mix."""
 
@@ -193,7 +203,9 @@ class Writer(Protocol):
         """Write the rows this writer still needs; durable once `close` returns."""
         ...
 
-    def record_failures(self, failures: Sequence[Failure]) -> None: ...
+    def record_failures(self, failures: Sequence[Failure]) -> None:
+        """Images that could not be used; called as they are found, in order with `write`."""
+        ...
 
     def close(self) -> None:
         """Flush and commit everything written so far (also called after an interrupt)."""

@@ -229,14 +229,37 @@ def build(
     ] = False,
     strict: Annotated[bool, typer.Option("--strict", help=f"Exit {EXIT_SOME_FAILED} if any image failed.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            "--shard",
+            metavar="I/N",
+            help="Do part I of N (0-based) of the work: job arrays, machines without a shared launcher. "
+            "Under torchrun or srun the part comes from the launcher.",
+        ),
+    ] = None,
+    unit_images: Annotated[
+        int | None,
+        typer.Option(
+            "--unit-images",
+            min=1,
+            help="Distributed builds: images per work unit (rounded up to whole store shards). Default: 4096.",
+        ),
+    ] = None,
 ) -> None:
     """Encode every image of --input (or --files); skips images already done (resume by re-running).
 
     Ctrl-C, SIGTERM or SIGHUP stop after the current batch, keeping what was encoded.
+    Under torchrun or srun (or with --shard I/N) each process encodes its part of the
+    work; re-running the same command, with any number of processes, finishes it.
     """
+    from featstore.launch import detect_share
     from featstore.models import parse_layers
     from featstore.pipeline import BuildOptions
     from featstore.pipeline import build as run_build
+
+    share = detect_share(shard)
+    quiet = quiet or share.rank > 0  # one progress bar per job: the first process's
 
     if fp16 and precision is not None and precision is not Precision.fp16:
         raise typer.BadParameter("--fp16 conflicts with --precision " + precision.value)
@@ -274,6 +297,8 @@ def build(
         progress_factory=_progress_factory(quiet),
         encoder=(ctx.obj or {}).get("encoder"),
         log=_status_printer(quiet),
+        share=share,
+        unit_images=unit_images,
     )
     typer.echo(result.summary(), err=True)
     for f in result.failures[:20]:

@@ -202,6 +202,30 @@ def upgrade(store: Annotated[str, typer.Argument(help=STORE_HELP)], storage_opti
         typer.echo(f"upgraded {store}: layout {old} -> {LAYOUT_VERSION}")
 
 
+def finalize(store: Annotated[str, typer.Argument(help=STORE_HELP)], storage_option: StorageOptions = None) -> None:
+    """Finish a distributed build's store: merge every process's failures, set the array shapes.
+
+    The process that finishes the last unit does this itself; run it after `--shard`
+    runs if you want to be sure, or to see how many units are finished.
+    """
+    from featstore.errors import StoreError
+    from featstore.store.units import finalize_store
+
+    location = _loc(store, storage_option)
+    if location.format != "zarr":
+        raise StoreError(f"{location}: only Zarr stores are written by distributed builds")
+    done, total, finalized = finalize_store(location)
+    if not total:
+        typer.echo(f"{store}: no distributed build to finalize")
+    elif finalized:
+        typer.echo(f"{store}: complete ({total} units)")
+    else:
+        typer.echo(
+            f"{store}: {done} of {total} units finished; re-run the build (any number of processes) to finish it"
+        )
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
     """Add the store commands to the featstore CLI."""
     app.command("export-npy")(export_npy)
@@ -211,3 +235,4 @@ def register(app: typer.Typer) -> None:
     app.command("convert")(convert)
     app.command("preview")(preview)
     app.command("upgrade")(upgrade)
+    app.command("finalize")(finalize)

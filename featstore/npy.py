@@ -83,9 +83,19 @@ class NpyWriter:
     """The per-image writer stage of the pipeline."""
 
     def __init__(
-        self, out_dir: Path, info: EncodingInfo, *, save_meta: bool, overwrite: bool, embedding: bool = False
+        self,
+        out_dir: Path,
+        info: EncodingInfo,
+        *,
+        save_meta: bool,
+        overwrite: bool,
+        embedding: bool = False,
+        failures_file: str = FAILURES_FILE,
     ) -> None:
+        """`failures_file`: where this run's failures go (each process of a distributed
+        build has its own)."""
         self.out_dir = Path(out_dir)
+        self.failures_file = failures_file
         self.info = info
         self.save_meta = save_meta
         self.embedding = embedding  # write `<name>_embedding.npy` (when the batch carries one)
@@ -94,8 +104,11 @@ class NpyWriter:
         self.failures: list[Failure] = []
 
     def pending(self, keys: Sequence[str]) -> set[str]:
-        self._pending = set(keys) if self.overwrite else {k for k in keys if not is_complete(self.out_dir, k)}
-        return self._pending
+        """Keys without complete files (all with overwrite); they are written when encoded
+        (calls add up: a distributed build asks unit by unit)."""
+        found = set(keys) if self.overwrite else {k for k in keys if not is_complete(self.out_dir, k)}
+        self._pending |= found
+        return found
 
     def write(self, batch: EncodedBatch) -> None:
         for i, item in enumerate(batch.items):
@@ -111,7 +124,7 @@ class NpyWriter:
 
     def close(self) -> None:
         """Write this run's failures next to the output (one JSON object per line)."""
-        path = self.out_dir / FAILURES_FILE
+        path = self.out_dir / self.failures_file
         if self.failures:
             lines = "".join(
                 json.dumps({"key": f.key, "reason": f.reason}, ensure_ascii=False) + "\n" for f in self.failures

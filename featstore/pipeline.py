@@ -16,22 +16,26 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from featstore.batches import EncodingInfo, Failure, Writer
+from featstore.distributed import Scheduler, block, listing_plan
 from featstore.encoder import Encoded, Encoder, PatchEncoder
 from featstore.errors import BuildInterrupted, ConfigError
 from featstore.images import DEFAULT_MAX_PIXELS, Preprocess, output_collisions, unusable_names
+from featstore.launch import Share, cuda_device_for, detect_share, host_cpus, workers_for
 from featstore.loading import LoadedModel, check_preset_options, load_model
-from featstore.npy import NpyWriter
+from featstore.npy import FAILURES_FILE, NpyWriter
 from featstore.reader import ImageReader
 from featstore.runner import ProgressFn, RunResult, StageTimes, output_error, run
 from featstore.signals import StopRequest
 from featstore.sources import Source, as_source
+from featstore.store.plans import DEFAULT_UNIT_IMAGES
+from featstore.store.units import UnitStore
 
 __all__ = ["BuildOptions", "BuildResult", "ModelEncoder", "build"]
 
@@ -82,6 +86,12 @@ class BuildResult:
     startup_seconds: float = 0.0  # before that: finding images, loading the model, opening outputs
     stages: StageTimes = field(default_factory=StageTimes)
     info: EncodingInfo | None = None
+    share: Share = field(default_factory=Share)
+    units: int = 0  # distributed: units this process took
+    stolen: int = 0  # of them, from other processes' blocks
+    units_finished: int = 0  # distributed with a store: units of the plan finished ...
+    units_planned: int = 0  # ... of this many
+    complete: bool | None = None  # distributed with a store: whether the store is finalized
 
     @property
     def failed(self) -> int:
@@ -92,11 +102,22 @@ class BuildResult:
         return self.encoded / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self) -> str:
-        return (
+        line = (
             f"encoded {self.encoded}, skipped {self.skipped}, failed {self.failed} "
             f"in {self.seconds:.1f} s ({self.images_per_second:.1f} images/s); "
             f"start-up {self.startup_seconds:.1f} s"
         )
+        if not self.share.distributed:
+            return line
+        line = f"{self.share.describe()}: {line}; took {self.units} units ({self.stolen} from others)"
+        if self.complete:
+            return line + "; the store is complete"
+        if self.complete is False:
+            return line + (
+                f"; {self.units_finished} of {self.units_planned} units finished so far "
+                "(the others are being written, or re-run the same command)"
+            )
+        return line
 
 
 # ---------------------------------------------------------------- device defaults
@@ -197,6 +218,58 @@ def _check_options(options: BuildOptions) -> None:
     resolve_device(options.device)
 
 
+# ---------------------------------------------------------------- distributed builds
+
+
+def _distributed_options(options: BuildOptions, share: Share, store: Any) -> BuildOptions:
+    """Checks and per-process defaults of a distributed build (see `featstore.launch`)."""
+    if store is not None and str(store).lower().endswith((".h5", ".hdf5")):
+        raise ConfigError(
+            "an HDF5 store is one local file written by one process: write a .zarr store from several processes "
+            "(`featstore convert` makes an .h5 of it afterwards)"
+        )
+    if options.overwrite:
+        raise ConfigError(
+            f"--overwrite with {share.world} processes: each would delete the others' work; delete the outputs "
+            "first, or run once with --overwrite from one process"
+        )
+    if options.device in ("auto", "cuda") and torch.cuda.is_available():
+        return replace(options, device=cuda_device_for(share, torch.cuda.device_count()))
+    if "OMP_NUM_THREADS" not in os.environ:  # on CPU; torchrun sets it, srun and --shard do not
+        torch.set_num_threads(max(1, host_cpus() // share.local_world))
+    return options
+
+
+def _failures_file(share: Share) -> str:
+    if not share.distributed:
+        return FAILURES_FILE
+    stem = FAILURES_FILE.removesuffix(".jsonl")
+    return f"{stem}.{share.rank}-of-{share.world}.jsonl"
+
+
+def _scheduler(
+    share: Share,
+    items: list[Any],
+    failures: list[Failure],
+    unit_store: UnitStore | None,
+    writers: list[Writer],
+    stop: StopRequest,
+    unit_images: int | None,
+) -> Scheduler:
+    """The plan of this build (the store's, or the listing's without one) and this process's scheduler."""
+    keys = [it.key for it in items]
+    size = unit_images or DEFAULT_UNIT_IMAGES
+    if unit_store is None:
+        return Scheduler(listing_plan(keys, size), items, share, store=None, writers=writers, stop=stop)
+    plan = unit_store.plan(keys, failures, size)
+    if plan.keys is None:
+        planned = items
+    else:
+        by_key = {it.key: it for it in items}
+        planned = [by_key[k] for k in plan.keys]
+    return Scheduler(plan, planned, share, store=unit_store, writers=writers, stop=stop)
+
+
 # ---------------------------------------------------------------- build
 
 
@@ -211,6 +284,8 @@ def build(
     loaded: LoadedModel | None = None,
     encoder: ModelEncoder | None = None,
     log: Callable[[str], None] | None = None,
+    share: Share | None = None,
+    unit_images: int | None = None,
 ) -> BuildResult:
     """Encode every image of `input_dir` (a folder, or any `featstore.sources.Source`)
     into per-image files and/or a store.
@@ -222,12 +297,19 @@ def build(
 
     SIGINT, SIGTERM and SIGHUP (when called from the main thread) stop the build between
     batches: what was encoded is committed, then `BuildInterrupted` is raised.
+
+    `share`: this process's part of a distributed build (default: from `--shard`-less
+    launcher variables, see `featstore.launch`); a distributed build cuts the work into
+    units of `unit_images` (see `featstore.distributed`).
     """
     started = time.perf_counter()
     say = log or (lambda _msg: None)
     if npy_dir is None and store is None:
         raise ConfigError("nothing to write: give --npy-dir, --store or both")
     _check_options(options)
+    share = share if share is not None else detect_share()
+    if share.distributed:
+        options = _distributed_options(options, share, store)
     source = input_dir if isinstance(input_dir, Source) else as_source(input_dir, recursive=options.recursive)
     found = source.discover()  # missing shards, samples without an image, ...: failures, by name
     items = found.items
@@ -239,7 +321,7 @@ def build(
     if store is not None:
         from featstore.store.writer import refuse_busy_store
 
-        refuse_busy_store(store)  # before the model loads
+        refuse_busy_store(store, leases=not share.distributed)  # before the model loads
     stop = StopRequest()
     with stop.handling_signals():
         if encoder is None:
@@ -254,8 +336,15 @@ def build(
             raise BuildInterrupted(stop.signum or 0, 0)
 
         writers: list[Writer] = []
+        unit_store: UnitStore | None = None
         try:
-            if store is not None:
+            if store is not None and share.distributed:
+                from featstore import __version__
+                from featstore.store.writer import open_unit_store
+
+                unit_store = open_unit_store(store, info, featstore_version=__version__)
+                writers.append(unit_store.writer_stage())
+            elif store is not None:
                 from featstore import __version__
                 from featstore.store.writer import open_store_writer
 
@@ -271,12 +360,17 @@ def build(
                         save_meta=save_meta,
                         overwrite=options.overwrite,
                         embedding=options.embedding is True,
+                        failures_file=_failures_file(share),
                     )
                 )
         except OSError as e:
             for w in writers:
                 w.close()
             raise output_error(e) from None
+        except BaseException:
+            for w in writers:
+                w.close()
+            raise
 
         bad_names = unusable_names(items)  # not UTF-8, backslash: refused per file
         failures: list[Failure] = found.failures + list(bad_names.values())
@@ -290,17 +384,34 @@ def build(
             items = [it for it in items if it.key not in clashes]
 
         keys = [it.key for it in items]
-        pending: set[str] = set()
-        for w in writers:
-            pending |= w.pending(keys)
-        todo = [it for it in items if it.key in pending]  # one work unit: everything still to do
+        scheduler = None
+        if share.distributed:
+            try:
+                scheduler = _scheduler(share, items, failures, unit_store, writers, stop, unit_images)
+            except BaseException:
+                for w in writers:
+                    w.close()
+                raise
+            own = block(share, scheduler.plan.units)
+            todo = [it for u in own for it in scheduler.items[scheduler.plan.unit_slice(u)]]  # for the progress bar
+        else:
+            pending: set[str] = set()
+            for w in writers:
+                pending |= w.pending(keys)
+            todo = [it for it in items if it.key in pending]  # one work unit: everything still to do
 
         device = encoder.device
         reader = ImageReader(
             size=info.size,
             grid=info.grid,
             batch_size=options.batch_size or default_batch_size(device, info.hidden_dim),
-            workers=default_workers(device) if options.workers is None else options.workers,
+            workers=(
+                options.workers
+                if options.workers is not None
+                else workers_for(share, device.type == "cuda")
+                if share.distributed
+                else default_workers(device)
+            ),
             pin=device.type == "cuda",
             max_pixels=options.max_pixels,
             preprocess=encoder.preprocess,
@@ -312,7 +423,7 @@ def build(
             with progress_ctx as update:
                 progress: ProgressFn | None = update
                 ran: RunResult = run(
-                    reader.batches(todo),
+                    scheduler.stream(reader) if scheduler is not None else reader.batches(todo),
                     encoder,
                     writers,
                     total=len(todo),
@@ -332,7 +443,20 @@ def build(
         startup_seconds=startup,
         stages=ran.stages,
         info=info,
+        share=share,
     )
+    if scheduler is not None:
+        result.skipped = len(items) - scheduler.stats.images
+        result.units, result.stolen = scheduler.stats.units, scheduler.stats.stolen
+        if unit_store is not None:
+            try:
+                if stop.signum is None:
+                    result.complete = unit_store.finalize(scheduler.plan)
+                else:
+                    result.complete = False
+                result.units_finished, result.units_planned = unit_store.complete(scheduler.plan)
+            finally:
+                unit_store.close()
     if stop.signum is not None:
         raise BuildInterrupted(stop.signum, result.encoded, result)
     return result

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from featstore.batches import EncodedBatch, Failure, ImageBatch, Writer
+from featstore.batches import EncodedBatch, Failure, ImageBatch, UnitMark, Writer
 from featstore.encoder import Encoded, Encoder, encode_with_embedding
 from featstore.errors import OutputError
 from featstore.signals import StopRequest
@@ -124,27 +124,40 @@ class _WriterThread:
             if self.error is not None:
                 continue
             try:
+                if isinstance(job, UnitMark):  # a distributed build's unit starts or ends
+                    for w in self.writers:
+                        hook = getattr(w, "begin_unit" if job.start else "end_unit", None)
+                        if hook is not None:
+                            hook(job.unit)
+                    continue
                 batch, features, embedding = job
-                t0 = time.perf_counter()
-                emb = embedding() if embedding is not None else None
-                encoded = EncodedBatch(batch.items, features(), batch.masks, batch.orig_size_hw, embedding=emb)
-                t1 = time.perf_counter()
-                for w in self.writers:
-                    w.write(encoded)
-                self.stages.host_copy += t1 - t0
-                self.stages.write += time.perf_counter() - t1
+                if features is not None:
+                    t0 = time.perf_counter()
+                    emb = embedding() if embedding is not None else None
+                    encoded = EncodedBatch(batch.items, features(), batch.masks, batch.orig_size_hw, embedding=emb)
+                    t1 = time.perf_counter()
+                    for w in self.writers:
+                        w.write(encoded)
+                    self.stages.host_copy += t1 - t0
+                    self.stages.write += time.perf_counter() - t1
+                if batch.failures:
+                    for w in self.writers:
+                        w.record_failures(batch.failures)
             except OSError as e:
                 self.error = output_error(e)
             except BaseException as e:
                 self.error = e
 
     def put(
-        self, batch: ImageBatch, features: Callable[[], np.ndarray], embedding: Callable[[], np.ndarray] | None
+        self,
+        batch: ImageBatch | UnitMark,
+        features: Callable[[], np.ndarray] | None = None,
+        embedding: Callable[[], np.ndarray] | None = None,
     ) -> None:
         if self.error is not None:
             raise self.error
         t0 = time.perf_counter()
-        self.queue.put((batch, features, embedding))
+        self.queue.put(batch if isinstance(batch, UnitMark) else (batch, features, embedding))
         self.stages.write_wait += time.perf_counter() - t0
 
     def finish(self) -> None:
@@ -155,7 +168,7 @@ class _WriterThread:
 
 
 def run(
-    batches: Iterable[ImageBatch],
+    batches: Iterable[ImageBatch | UnitMark],
     encoder: Encoder,
     writers: Sequence[Writer],
     *,
@@ -166,7 +179,9 @@ def run(
 ) -> RunResult:
     """Encode `batches` and feed every writer; `failures` (found before the run) are recorded too.
 
-    Writers are closed (committing what was written) also when stopped or failing.
+    A `UnitMark` in the stream reaches the writers' `begin_unit` / `end_unit` in order
+    with the batches (a distributed build's work units). Writers are closed (committing
+    what was written) also when stopped or failing.
     `progress` gets the running result after each batch and once more after the commit.
     """
     result = RunResult(total=total, failures=list(failures))
@@ -174,6 +189,8 @@ def run(
     start = time.perf_counter()
     source = iter(batches)
     thread = _WriterThread(writers, stages)
+    for w in writers:
+        w.record_failures(result.failures)
     try:
         while not (stop and stop.requested):
             t0 = time.perf_counter()
@@ -187,6 +204,9 @@ def run(
                 raise
             t1 = time.perf_counter()
             stages.decode_wait += t1 - t0
+            if isinstance(batch, UnitMark):
+                thread.put(batch)
+                continue
             if stop and stop.requested:  # a batch that arrived after the stop is left for the next run
                 break
             result.failures.extend(batch.failures)
@@ -196,6 +216,8 @@ def run(
                 stages.encode += time.perf_counter() - t1
                 thread.put(batch, _to_host(features), None if embedding is None else _to_host(embedding))
                 result.encoded += len(batch.items)
+            elif batch.failures:
+                thread.put(batch)
             result.seconds = time.perf_counter() - start
             if progress:
                 progress(result)
@@ -207,8 +229,6 @@ def run(
         try:
             thread.finish()
         finally:
-            for w in writers:
-                w.record_failures(result.failures)
             for w in writers:
                 w.close()
             stages.commit = time.perf_counter() - t0

@@ -11,6 +11,7 @@ same on every run. Pipeline tests pass it to `build`; CLI tests run this file as
 With FAKE_HOLD_AFTER=N and FAKE_HOLD_DIR=D in the environment, the encoder's call
 number N+1 creates D/held and then waits until D/release exists before returning:
 a test can signal the build at a known point without guessing how fast the machine is.
+FAKE_SHARD_ROWS=N gives new stores shards of N rows.
 """
 
 from __future__ import annotations
@@ -69,5 +70,10 @@ class FakeEncoder:
 if __name__ == "__main__":
     from featstore.cli import main
 
+    if os.environ.get("FAKE_SHARD_ROWS"):  # small store shards, so that a test folder makes many
+        from featstore.store import _zarr
+
+        rows = int(os.environ["FAKE_SHARD_ROWS"])
+        _zarr.default_shard_rows = lambda info: rows  # type: ignore[assignment]
     size = int(os.environ.get("FAKE_SIZE", "32"))
     main(sys.argv[1:], encoder=FakeEncoder(size=size))

@@ -210,6 +210,10 @@ class ChunkedRows:
             data = bytes(Zstd(level=self.zstd_level).encode(data))
         return data
 
+    def forget(self, chunk: int) -> None:
+        """Drop a cached chunk (another writer may have replaced it)."""
+        self._chunks.pop(chunk, None)
+
     def chunks(self, ids: list[int]) -> list[np.ndarray]:
         """Decoded chunks (missing ones first fetched together)."""
         missing = [k for k in ids if k not in self._chunks]

@@ -44,6 +44,7 @@ from featstore.store.base import (
     step_rows,
 )
 from featstore.store.location import Location
+from featstore.store.plans import close_plans, plans_end
 
 STRING_ARRAYS = (KEYS, SOURCES)
 CLAIMS = "claims"  # one chunk per shard: the writer that owns it (see ZarrShardWriter)
@@ -560,9 +561,18 @@ def _running_here(claim: str) -> int | None:
     return pid
 
 
-def live_writer(blobs: Blobs) -> int | None:
-    """The pid of a build on this host that claimed an unfinished shard of the store at
-    `blobs` and still runs, or None (no store, no claims, or only those of dead builds)."""
+def live_writer(blobs: Blobs, *, leases: bool = True) -> int | None:
+    """The pid of a build that writes the store at `blobs` now, or None: a build on this
+    host that claimed an unfinished shard and still runs, or (`leases`) a process of a
+    distributed build holding a live lease on a unit (see `featstore.store.leases`)."""
+    if leases:
+        from featstore.store.leases import LEASES, Lease, _decode
+
+        keys = [k for k in blobs.list(f"{LEASES}/c") if k.count("/") == 3]
+        for data in blobs.read_many(keys) if keys else []:
+            lease = None if data is None else Lease.parse(_decode(data))
+            if lease is not None and lease.live():
+                return lease.pid
     ids = _chunk_ids(blobs.list(f"{CLAIMS}/c"))
     if not ids:
         return None
@@ -577,6 +587,51 @@ def live_writer(blobs: Blobs) -> int | None:
         if (pid := _running_here(str(found[0]))) is not None:
             return pid
     return None
+
+
+def open_for_writing(
+    location: Location,
+    info: EncodingInfo,
+    *,
+    version: str,
+    overwrite: bool,
+    shard_rows: int,
+    guarded: bool = False,
+    sole: bool = True,
+) -> tuple[Blobs, Layout]:
+    """Open the store at `location` for writing rows made as `info` says, creating it
+    (metadata first, then the group by a conditional create) if there is none.
+
+    Refuses a store a running build on this host writes (unless `guarded`), one of an
+    older layout, and one whose rows were made differently. `overwrite` deletes the old
+    store first. `sole`: no other process writes the store now, so temporary files
+    found are a killed writer's and are deleted (a distributed build's processes leave
+    them to the one that finalizes).
+    """
+    blobs = open_blobs(location)
+    try:
+        if isinstance(blobs, RemoteBlobs):
+            blobs.check_reachable()
+        exists = blobs.read("zarr.json") is not None
+        if exists and not guarded and (pid := live_writer(blobs, leases=sole)) is not None:  # before touching
+            raise StoreLockedError(f"{location} is being written by another featstore build (pid {pid})")
+        if exists and overwrite:
+            delete_store(blobs)
+            exists = False
+        if not exists:
+            if isinstance(blobs, LocalBlobs) and sole:
+                blobs.remove_partials("")
+            attrs = new_attrs(info, version, shard_rows)
+            create_store(blobs, attrs, info, shard_rows)  # if another won the race, we open its store
+        layout = Layout(blobs)
+        if layout.version == LAYOUT_VERSION:
+            check_compatible(location, layout.info, info)
+        if isinstance(blobs, LocalBlobs) and sole:
+            blobs.remove_partials("")  # temporary files of a killed writer's unfinished writes
+    except BaseException:
+        blobs.close()
+        raise
+    return blobs, layout
 
 
 class ZarrShardWriter:
@@ -603,32 +658,45 @@ class ZarrShardWriter:
         """`guarded`: the caller already holds a lock that keeps other writers out (the
         HDF5 backend's stage), so claims found at open are never a running writer's."""
         self.location = location
-        self.blobs = open_blobs(location)
-        if isinstance(self.blobs, RemoteBlobs):
-            self.blobs.check_reachable()
-        exists = self.blobs.read("zarr.json") is not None
-        if exists and not guarded and (pid := live_writer(self.blobs)) is not None:  # before touching anything
-            raise StoreLockedError(f"{location} is being written by another featstore build (pid {pid})")
-        if exists and overwrite:
-            delete_store(self.blobs)
-            exists = False
-        if not exists:
-            if isinstance(self.blobs, LocalBlobs):
-                self.blobs.remove_partials("")
-            attrs = new_attrs(info, version, shard_rows)
-            create_store(self.blobs, attrs, info, shard_rows)  # if another won the race, we open its store
-        self.layout = Layout(self.blobs)
-        if self.layout.version != LAYOUT_VERSION:
+        self.blobs, self.layout = open_for_writing(
+            location, info, version=version, overwrite=overwrite, shard_rows=shard_rows, guarded=guarded
+        )
+        self._setup()
+        self.committed_keys: list[str] = self._read_keys()
+        self.extent = self.layout.extent
+        self._init_claims()
+        shards, counts = self.layout.shards, self.layout.counts
+        s = self.shard_rows
+        start = plans_end(self.blobs)  # a distributed build's planned shards stay its own
+        if len(shards) and counts[-1] < s and int(shards[-1]) >= start:  # refill the last, partial shard
+            self.shard = int(shards[-1])
+            self.shard_committed = int(counts[-1])
+            self._reload(self.shard, self.shard_committed)
+        else:
+            self.shard = max(int(shards[-1]) + 1 if len(shards) else 0, start)
+            self.shard_committed = 0
+        if start:
+            close_plans(self.blobs)  # this writer's keys are not in the plans: a later plan starts anew
+        # Claims on shards not yet complete, as found now: their writers are gone (one build
+        # per store at a time), so this writer may take exactly these over.
+        ids = [i for i in _chunk_ids(self.blobs.list(f"{CLAIMS}/c")) if i >= self.shard]
+        found = self.claims.chunks(ids) if ids else []
+        self.stale_claims = {i: str(c[0]) for i, c in zip(ids, found, strict=True)}
+        self.my_claims: set[int] = set()
+        self._claim(self.shard)  # from now on a second build on this host is refused at once
+
+    def _setup(self) -> None:
+        """Readers and the open shard's buffers, from `self.layout`."""
+        location = self.location
+        check = self.layout
+        if check.version != LAYOUT_VERSION:
             raise StoreError(
-                f"{location} has layout {self.layout.version} (featstore 0.1): run `featstore upgrade {location}` "
+                f"{location} has layout {check.version} (featstore 0.1): run `featstore upgrade {location}` "
                 "once to append to it (reading works as is)"
             )
-        check_compatible(location, self.layout.info, info)
         feats = self.layout.readers[FEATURES]
         if not isinstance(feats, ShardedRows) or not feats.index_at_end or not self.layout.readers[MASKS]:
             raise StoreError(f"{location}: this store's layout was not written by featstore; convert it first")
-        if isinstance(self.blobs, LocalBlobs):
-            self.blobs.remove_partials("")  # temporary files of a killed writer's unfinished writes
         self.feats: ShardedRows = feats
         self.chunked = {n: r for n, r in self.layout.readers.items() if isinstance(r, ChunkedRows)}
         if len(self.chunked) != len(self.layout.readers) - 1:
@@ -646,24 +714,6 @@ class ZarrShardWriter:
         self.emb = np.zeros((s, e), dtype=np.float32) if e else None
         self.keys: list[str] = []
         self.sources: list[str] = []
-        self.committed_keys: list[str] = self._read_keys()
-        self.extent = self.layout.extent
-        self._init_claims()
-        shards, counts = self.layout.shards, self.layout.counts
-        if len(shards) and counts[-1] < s:  # refill the last, partial shard
-            self.shard = int(shards[-1])
-            self.shard_committed = int(counts[-1])
-            self._reload(self.shard, self.shard_committed)
-        else:
-            self.shard = int(shards[-1]) + 1 if len(shards) else 0
-            self.shard_committed = 0
-        # Claims on shards not yet complete, as found now: their writers are gone (one build
-        # per store at a time), so this writer may take exactly these over.
-        ids = [i for i in _chunk_ids(self.blobs.list(f"{CLAIMS}/c")) if i >= self.shard]
-        found = self.claims.chunks(ids) if ids else []
-        self.stale_claims = {i: str(c[0]) for i, c in zip(ids, found, strict=True)}
-        self.my_claims: set[int] = set()
-        self._claim(self.shard)  # from now on a second build on this host is refused at once
 
     def _init_claims(self) -> None:
         import socket
@@ -769,9 +819,9 @@ class ZarrShardWriter:
             }
             if self.emb is not None:
                 objects[r[EMBEDDING].key(s)] = r[EMBEDDING].encode(self.emb[:k])
-            self._claim(s)
+            self._own(s)
             self.blobs.write_many(objects)
-            if self._holder(s) != self.claim_text:  # taken over meanwhile: the new owner rewrites it all
+            if not self._still_own(s):  # taken over meanwhile: the new owner rewrites it all
                 raise StoreLockedError(f"{self.location}: shard {s} was taken over by another writer meanwhile")
             record = r[KEYS].encode(self.keys)
             if self.shard_committed:  # a rewrite of this writer's own shard: replaces the record
@@ -784,13 +834,24 @@ class ZarrShardWriter:
             self.committed_keys += self.keys[self.shard_committed :]
             self.shard_committed = k
             self.extent = max(self.extent, s * self.shard_rows + k)
-            self._update_shapes()
+            self._after_commit()
         if k == self.shard_rows:
             self.shard += 1
             self.shard_committed = 0
             self.keys, self.sources = [], []
             self.masks[:] = 0
             self.orig[:] = 0
+
+    # Ownership and metadata: this single writer claims shard by shard and raises the
+    # shapes after each commit; a distributed build's unit writer overrides these.
+    def _own(self, shard: int) -> None:
+        self._claim(shard)
+
+    def _still_own(self, shard: int) -> bool:
+        return self._holder(shard) == self.claim_text
+
+    def _after_commit(self) -> None:
+        self._update_shapes()
 
     def _update_shapes(self) -> None:
         docs = {}

@@ -66,10 +66,11 @@ def _printable(key: str) -> str:
     return key.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def refuse_busy_store(where: str | os.PathLike[str] | Location) -> None:
+def refuse_busy_store(where: str | os.PathLike[str] | Location, *, leases: bool = True) -> None:
     """Raise StoreLockedError if a build on this machine is writing the store now: the
     check a build makes before it loads its model (seconds to minutes). Creates nothing.
-    The writer checks again when it opens."""
+    The writer checks again when it opens. `leases=False`: a process of a distributed
+    build, which shares the store with the other processes' leases."""
     location = as_location(where)
     if location.format == "hdf5":
         from featstore.store._hdf5 import StoreLock
@@ -80,7 +81,7 @@ def refuse_busy_store(where: str | os.PathLike[str] | Location) -> None:
     from featstore.store._zarr import live_writer
 
     blobs = open_blobs(location)
-    if blobs.read("zarr.json") is not None and (pid := live_writer(blobs)) is not None:
+    if blobs.read("zarr.json") is not None and (pid := live_writer(blobs, leases=leases)) is not None:
         raise StoreLockedError(f"{location} is being written by another featstore build (pid {pid})")
 
 
@@ -124,6 +125,32 @@ def open_store_writer(
             ) from None
         raise OutputError(f"cannot write {location}: {e}") from None
     return StoreWriter(location, info, sink)
+
+
+def open_unit_store(
+    where: str | os.PathLike[str] | Location,
+    info: EncodingInfo,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    featstore_version: str = "unknown",
+) -> Any:
+    """Open (creating if needed) a Zarr store for one process of a distributed build:
+    a `featstore.store.units.UnitStore` (plan, leases, the unit writer stage, finalize)."""
+    location = as_location(where, storage_options)
+    if location.format != "zarr":
+        raise StoreError(f"{location}: a distributed build writes Zarr stores (.zarr) only")
+    if location.is_local:
+        try:
+            location.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot create {location.path.parent}: {e}") from None
+    from featstore.store import _zarr
+    from featstore.store.units import UnitStore
+
+    try:
+        return UnitStore.open(location, info, version=featstore_version, shard_rows=_zarr.default_shard_rows(info))
+    except OSError as e:
+        raise OutputError(f"cannot write {location}: {e}") from None
 
 
 class StoreWriter:

@@ -1,0 +1,147 @@
+"""A build's work as units, for many processes at once (torchrun, SLURM, `--shard I/N`).
+
+The sorted image list becomes a plan (`featstore.store.plans`): units of whole shards,
+each unit's keys going to its own shards, in the list's order. `Scheduler.stream`
+turns this process's share of the plan into the runner's input: for each unit it
+takes, a `UnitMark` (start), the reader's batches of the unit's images still to do,
+and a `UnitMark` (end), on which the store's unit writer commits the unit and
+releases it.
+
+Which units a process takes: its own block of the plan first (process r of N: units
+r*U/N up to (r+1)*U/N), then, unless it runs with `--shard` (exactly its part), the
+units of the other blocks that nobody holds, from the end of the plan backwards (the
+owners work forwards, so the two meet once). A unit is taken by acquiring its lease
+(`featstore.store.leases`); a finished unit (it has a record) is skipped. When a
+process runs out of units that it can take but some are still held by others, it
+waits for them: they finish (their owners commit them) or their leases expire (a dead
+process) and it takes them over. So every process ends when the plan is finished, and
+the one that sees it first finalizes the store.
+
+Without a store (`--npy-dir` alone) there is nowhere to keep leases: each process
+encodes its own block of the listing's units (per-image files are complete one by
+one, so a re-run with any number of processes does exactly what is missing).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from featstore.batches import ImageBatch, ImageItem, UnitMark, Writer
+from featstore.launch import Share
+from featstore.reader import ImageReader
+from featstore.signals import StopRequest
+from featstore.store.plans import Plan, listing_digest
+from featstore.store.units import UnitState, UnitStore
+
+POLL_S = 1.0  # how often a process with nothing to take looks at the units others hold
+
+
+def block(share: Share, units: int) -> range:
+    """This process's own units of a plan of `units`."""
+    return range(share.rank * units // share.world, (share.rank + 1) * units // share.world)
+
+
+def listing_plan(keys: Sequence[str], unit_images: int) -> Plan:
+    """Units of the listing itself: the plan of a build without a store."""
+    return Plan(0, 0, max(1, unit_images), 1, len(keys), listing_digest(keys))
+
+
+@dataclass
+class SchedulerStats:
+    units: int = 0  # units this process took
+    stolen: int = 0  # of them, outside its own block
+    images: int = 0  # images it handed to the reader
+    waited_s: float = 0.0  # waiting for units other processes held
+
+
+class Scheduler:
+    def __init__(
+        self,
+        plan: Plan,
+        items: Sequence[ImageItem],
+        share: Share,
+        *,
+        store: UnitStore | None,
+        writers: Sequence[Writer],
+        stop: StopRequest | None = None,
+        poll_s: float = POLL_S,
+    ) -> None:
+        """`items`: the plan's items in its order (the listing, or the plan's own keys)."""
+        self.plan, self.items, self.share = plan, list(items), share
+        self.store, self.writers, self.stop = store, writers, stop
+        self.poll_s = poll_s
+        self.stats = SchedulerStats()
+
+    def order(self) -> list[int]:
+        own = block(self.share, self.plan.units)
+        if not self.share.steal or self.store is None:
+            return list(own)
+        return list(own) + [u for u in reversed(range(self.plan.units)) if u not in own]
+
+    def _stopped(self) -> bool:
+        return self.stop is not None and self.stop.requested
+
+    def stream(self, reader: ImageReader) -> Iterator[ImageBatch | UnitMark]:
+        store = self.store
+        finished = store.finished() if store is not None else set()
+        remaining = [u for u in self.order() if self.plan.unit_id(u) not in finished]
+        own = block(self.share, self.plan.units)
+        while remaining and not self._stopped():
+            held: list[int] = []
+            for u in remaining:
+                if self._stopped():
+                    return
+                state = self._take(u)
+                if state is None:
+                    continue
+                if state == "held":
+                    held.append(u)
+                    continue
+                assert isinstance(state, UnitState)
+                todo = self._todo(state)
+                self.stats.units += 1
+                self.stats.stolen += u not in own
+                self.stats.images += len(todo)
+                yield UnitMark(state, start=True)
+                if todo:
+                    yield from reader.batches(todo)
+                yield UnitMark(state, start=False)
+            remaining = held
+            if remaining:
+                t0 = time.monotonic()
+                if self.stop is not None:
+                    self.stop_wait(self.poll_s)
+                else:
+                    time.sleep(self.poll_s)
+                self.stats.waited_s += time.monotonic() - t0
+
+    def stop_wait(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and not self._stopped():
+            time.sleep(min(0.05, seconds))
+
+    def _take(self, u: int) -> UnitState | str | None:
+        """The unit's state if this process now owns it; "held" if another does; None if finished."""
+        items = self.items[self.plan.unit_slice(u)]
+        store = self.store
+        if store is None:
+            return UnitState(self.plan, u, items, [])
+        uid = self.plan.unit_id(u)
+        if store.is_finished(uid):
+            return None
+        if not store.leases.acquire(uid):
+            return "held"
+        if store.is_finished(uid):  # finished by its owner just before
+            store.leases.release(uid)
+            return None
+        return store.unit_state(self.plan, u, items)
+
+    def _todo(self, state: UnitState) -> list[ImageItem]:
+        keys = [it.key for it in state.items]
+        needed: set[str] = set(keys) - state.done_keys if self.store is not None else set()
+        for w in self.writers:
+            if not hasattr(w, "begin_unit"):  # per-image files: theirs to say
+                needed |= w.pending(keys)
+        return [it for it in state.items if it.key in needed]

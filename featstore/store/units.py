@@ -1,0 +1,436 @@
+"""The store side of a distributed build: plan, leases, a writer per unit, finalize.
+
+Many processes (on many hosts) write one Zarr store at once, each a unit at a time:
+
+1. Every process opens the store (the first creates it: metadata, then the group by a
+   conditional create) and gets the build's plan (`featstore.store.plans`): the one
+   already there for its listing, or a new one, created conditionally.
+2. For each unit it takes, it acquires the unit's lease (`featstore.store.leases`),
+   checks the unit is not finished, reads the unit's keys chunks (what is committed of
+   it) and hands the rest to the encoder. `UnitWriter` writes the unit's shards exactly
+   as the single-process writer writes shards (each object whole, the keys chunk last:
+   the commit record), refilling a partial shard a killed or stopped owner left, and
+   checks before each commit that the lease is still its own.
+3. When a unit's rows are all committed it writes the unit's record (`units/c/<id>`:
+   its row count and failures) and releases the lease. A unit with a record is finished.
+4. The process that finds every unit of the plan finished (and wins the finalize
+   lease) is the store's metadata writer: it merges the failures of every unit into
+   the group's `failed` attribute, once each, and raises the arrays' shapes to the
+   rows (for zarr-python and TensorStore; featstore's readers use the commit records).
+
+No process writes another's objects: a unit's shards belong to the unit's lease holder.
+A process that dies leaves its unit's committed shards (whole), its lease (taken over
+at once on the same host, after it expires elsewhere) and temporary files (deleted by
+the finalizer).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from featstore.batches import EncodedBatch, EncodingInfo, Failure
+from featstore.errors import StoreError, StoreLockedError
+from featstore.store._blobs import Blobs, LocalBlobs, open_blobs
+from featstore.store._zarr import (
+    KEYS,
+    Layout,
+    ZarrShardWriter,
+    _committed,
+    _doc,
+    _put_json,
+    open_for_writing,
+)
+from featstore.store.base import failures_from_attrs
+from featstore.store.leases import LEASES, Leases
+from featstore.store.location import Location
+from featstore.store.plans import (
+    PLANS,
+    UNITS,
+    Plan,
+    create_plan,
+    finished_units,
+    latest_plan,
+    listing_digest,
+    plans_end,
+    read_unit_failures,
+    write_unit_record,
+)
+
+FINALIZE = 2**62  # the lease that elects the metadata writer (no unit has this id)
+
+
+def _coordination_documents() -> dict[str, dict[str, Any]]:
+    """zarr.json of the `plans`, `units` and `leases` arrays, as zarr-python writes them."""
+    import zarr
+    from zarr.codecs import VLenUTF8Codec, ZstdCodec
+    from zarr.storage import MemoryStore
+
+    store = MemoryStore()
+    root = zarr.open_group(store, mode="w", zarr_format=3)
+    for name in (PLANS, UNITS):
+        root.create_array(
+            name, shape=(0,), dtype=str, chunks=(1,), serializer=VLenUTF8Codec(), compressors=ZstdCodec(level=3)
+        )
+    root.create_array(LEASES, shape=(0, 0), dtype=str, chunks=(1, 1), serializer=VLenUTF8Codec(), compressors=None)
+    return {k: json.loads(v.to_bytes()) for k, v in store._store_dict.items() if k.endswith("/zarr.json")}
+
+
+@dataclass
+class UnitState:
+    """One unit of a plan as found in the store when its lease was acquired."""
+
+    plan: Plan
+    index: int  # u: the unit's place in the plan
+    items: list[Any]  # the unit's ImageItems, in order
+    committed: list[list[str]]  # per shard of the unit: its committed keys
+    failures: list[Failure] = field(default_factory=list)  # recorded while writing it
+
+    @property
+    def id(self) -> int:
+        return self.plan.unit_id(self.index)
+
+    @property
+    def first_shard(self) -> int:
+        return self.id
+
+    @property
+    def done_keys(self) -> set[str]:
+        return {k for shard in self.committed for k in shard}
+
+
+class UnitStore:
+    """A distributed build's handle on one Zarr store (see the module docstring)."""
+
+    def __init__(self, blobs: Blobs, layout: Layout) -> None:
+        """Use `UnitStore.open` (a build) or `UnitStore.existing` (finalize)."""
+        self.location = blobs.location
+        self.blobs = blobs
+        self.layout = layout
+        self.info = layout.info
+        self.shard_rows = layout.shard_rows
+        missing = {k: v for k, v in _coordination_documents().items() if self.blobs.read(k) is None}
+        if missing:  # identical documents, whoever writes them
+            self.blobs.write_many({k: _put_json(v) for k, v in missing.items()})
+        self.leases = Leases(self.blobs)
+
+    @classmethod
+    def open(cls, location: Location, info: EncodingInfo, *, version: str, shard_rows: int) -> UnitStore:
+        """Open the store for a build's process, creating it if there is none."""
+        blobs, layout = open_for_writing(
+            location, info, version=version, overwrite=False, shard_rows=shard_rows, sole=False
+        )
+        return cls(blobs, layout)
+
+    @classmethod
+    def existing(cls, location: Location) -> UnitStore:
+        blobs = open_blobs(location)
+        try:
+            return cls(blobs, Layout(blobs))
+        except BaseException:
+            blobs.close()
+            raise
+
+    # -- the plan -----------------------------------------------------------------------
+
+    def plan(self, keys: Sequence[str], failures: Sequence[Failure], unit_images: int) -> Plan:
+        """The plan for this listing: the latest one made from it, or a new one."""
+        digest = listing_digest(keys)
+        for _ in range(4):
+            latest = latest_plan(self.blobs)
+            if latest is not None and not latest.closed and latest.digest == digest:
+                return latest
+            plan = self._new_plan(latest, keys, failures, digest, unit_images)
+            if create_plan(self.blobs, plan):
+                return plan
+            winner = latest_plan(self.blobs)  # another process planned first
+            if winner is not None and winner.index == plan.index and winner.digest != digest:
+                raise StoreError(
+                    f"{self.location}: another process of this build listed different images (were files being "
+                    "added while it started?); re-run the same command"
+                )
+        raise StoreError(f"{self.location}: could not agree on a plan with the other processes")
+
+    def _new_plan(
+        self, latest: Plan | None, keys: Sequence[str], failures: Sequence[Failure], digest: str, unit_images: int
+    ) -> Plan:
+        layout = Layout(self.blobs)  # what is committed now
+        if latest is not None and not latest.closed:
+            self._refuse_running(latest)
+        present: set[str] = set()
+        ids = layout.shards.tolist()
+        chunks = layout.readers[KEYS].chunks(ids) if ids else []  # type: ignore[union-attr]
+        for chunk, k in zip(chunks, layout.counts.tolist(), strict=True):
+            present.update(str(v) for v in chunk[:k].tolist())
+        todo = [k for k in keys if k not in present]
+        old_failed = failures_from_attrs(layout.attrs)
+        base = max(plans_end(self.blobs), int(layout.shards[-1]) + 1 if len(layout.shards) else 0)
+        s = self.shard_rows
+        return Plan(
+            index=latest.index + 1 if latest is not None else 0,
+            base=base,
+            shard_rows=s,
+            unit_shards=max(1, math.ceil(unit_images / s)),
+            count=len(todo),
+            digest=digest,
+            keys=None if not present and not old_failed and base == 0 else todo,
+            failures=list(failures),
+        )
+
+    def _refuse_running(self, plan: Plan) -> None:
+        done = finished_units(self.blobs)
+        for u in range(plan.units):
+            uid = plan.unit_id(u)
+            if uid not in done and (lease := self.leases.holder(uid)) is not None:
+                raise StoreLockedError(
+                    f"{self.location} is being written by a build of a different image list ({lease.describe()}); "
+                    "wait for it, or stop it first"
+                )
+
+    # -- units --------------------------------------------------------------------------
+
+    def finished(self) -> set[int]:
+        return finished_units(self.blobs)
+
+    def is_finished(self, unit_id: int) -> bool:
+        from featstore.store.plans import unit_key
+
+        return self.blobs.read(unit_key(unit_id)) is not None
+
+    def unit_state(self, plan: Plan, u: int, items: list[Any]) -> UnitState:
+        """Unit `u` as committed now (read fresh: another process may have written it)."""
+        first = plan.unit_id(u)
+        keys_reader = self.layout.readers[KEYS]
+        shard_keys = [keys_reader.key(first + i) for i in range(plan.unit_shards)]  # type: ignore[union-attr]
+        committed: list[list[str]] = []
+        for key, data in zip(shard_keys, self.blobs.read_many(shard_keys), strict=True):
+            if data is None:
+                committed.append([])
+                continue
+            chunk = keys_reader.decode(data, key)  # type: ignore[union-attr]
+            committed.append([str(v) for v in chunk[: _committed(chunk)].tolist()])
+        return UnitState(plan, u, items, committed)
+
+    def writer_stage(self) -> UnitStoreWriter:
+        """The pipeline's writer stage for this store."""
+        return UnitStoreWriter(self)
+
+    # -- finalize -----------------------------------------------------------------------
+
+    def complete(self, plan: Plan) -> tuple[int, int]:
+        """(finished units, units) of the plan."""
+        done = self.finished()
+        return sum(plan.unit_id(u) in done for u in range(plan.units)), plan.units
+
+    def finalize(self, plan: Plan) -> bool:
+        """If every unit of `plan` is finished and no other process finalizes now: merge the
+        failures into the store's attributes and raise the arrays' shapes. True if the store
+        is finalized (by this call or an earlier one)."""
+        done, total = self.complete(plan)
+        if done < total:
+            return False
+        group = _doc(self.blobs.read("zarr.json"), "zarr.json") or {}
+        if (group.get("attributes") or {}).get("plan") == plan.index:
+            return True
+        if not self.leases.acquire(FINALIZE):
+            return False
+        try:
+            attrs = dict(group.get("attributes") or {})
+            planned = set(plan.keys) if plan.keys is not None else None
+            new = plan.failures + read_unit_failures(self.blobs, [plan.unit_id(u) for u in range(plan.units)])
+            redone = {f.key for f in new} | (planned or set())
+            merged: dict[str, str] = {f.key: f.reason for f in failures_from_attrs(attrs) if f.key not in redone}
+            for f in new:
+                merged.pop(f.key, None)
+                merged[f.key] = f.reason
+            self._raise_shapes()
+            if isinstance(self.blobs, LocalBlobs):
+                self.blobs.remove_partials("")  # every unit is committed: these are killed writers'
+            stale = [k for k in self.blobs.list(f"{LEASES}/c") if not k.startswith(f"{LEASES}/c/{FINALIZE}/")]
+            self.blobs.delete_many(stale)
+            attrs["failed"] = [{"key": k, "reason": r} for k, r in merged.items()]
+            attrs["plan"] = plan.index
+            group["attributes"] = attrs
+            self.blobs.write_many({"zarr.json": _put_json(group)})
+        finally:
+            self.leases.release(FINALIZE)
+        return True
+
+    def _raise_shapes(self) -> None:
+        from featstore.store._zarr import _chunk_ids
+
+        ids = _chunk_ids(self.blobs.list(f"{KEYS}/c"))
+        if not ids:
+            return
+        last = max(ids)
+        reader = self.layout.readers[KEYS]
+        key = reader.key(last)  # type: ignore[union-attr]
+        extent = last * self.shard_rows + _committed(reader.decode(self.blobs.read(key), key))  # type: ignore[union-attr]
+        docs = {}
+        for name, meta in Layout(self.blobs).meta.items():
+            if meta["shape"][0] < extent:
+                meta["shape"] = [extent, *meta["shape"][1:]]
+                docs[f"{name}/zarr.json"] = _put_json(meta)
+        self.blobs.write_many(docs)
+
+    def close(self) -> None:
+        self.leases.release_all()
+        self.blobs.close()
+
+
+def finalize_store(location: Location) -> tuple[int, int, bool]:
+    """Finalize the store's latest plan if all its units are finished:
+    (finished units, units, finalized). A store without plans counts as finalized."""
+    store = UnitStore.existing(location)
+    try:
+        plan = latest_plan(store.blobs)
+        if plan is None or plan.closed:
+            return 0, 0, True
+        done, total = store.complete(plan)
+        return done, total, store.finalize(plan)
+    finally:
+        store.close()
+
+
+class UnitWriter(ZarrShardWriter):
+    """Writes one unit at a time into its own shards (see the module docstring). Commits
+    go exactly as the single-process writer's; ownership is the unit's lease, and the
+    metadata is left to the finalizer."""
+
+    def __init__(self, store: UnitStore) -> None:  # the store is open: no second opening
+        self.location, self.blobs, self.layout = store.location, store.blobs, store.layout
+        self.store = store
+        self.leases = store.leases
+        self._setup()
+        self.committed_keys = []
+        self.extent = 0
+        self.state: UnitState | None = None
+        self.shard = self.shard_committed = 0
+        self._written = 0  # rows of the open unit appended by this writer
+
+    def append(
+        self,
+        keys: list[str],
+        sources: list[str],
+        features: np.ndarray,
+        masks: np.ndarray,
+        orig: np.ndarray,
+        embedding: np.ndarray | None,
+    ) -> None:
+        super().append(keys, sources, features, masks, orig, embedding)
+        self._written += len(keys)
+
+    def begin(self, state: UnitState) -> None:
+        """Position at the unit's first shard not yet full, refilling it if partial."""
+        self.state = state
+        self._written = 0
+        self.keys, self.sources = [], []
+        self.masks[:] = 0
+        self.orig[:] = 0
+        full = 0
+        while full < len(state.committed) and len(state.committed[full]) == self.shard_rows:
+            full += 1
+        self.shard = state.first_shard + full
+        self.shard_committed = len(state.committed[full]) if full < len(state.committed) else 0
+        if self.shard_committed:
+            self.feats.forget(self.shard)
+            for r in self.chunked.values():
+                r.forget(self.shard)
+            self._reload(self.shard, self.shard_committed)
+
+    def _own(self, shard: int) -> None:
+        state = self.state
+        if state is None or not state.first_shard <= shard < state.first_shard + state.plan.unit_shards:
+            raise StoreError(f"{self.location}: shard {shard} is outside the unit being written")
+
+    def _still_own(self, shard: int) -> bool:
+        return self.state is not None and self.leases.still_mine(self.state.id)
+
+    def _after_commit(self) -> None:
+        pass  # shapes and attributes: the finalizer's
+
+    def end(self) -> None:
+        """Commit the unit's last shard, write the unit's record, release its lease."""
+        state = self.state
+        if state is None:
+            return
+        if len(self.keys) > self.shard_committed:
+            self._commit_shard()
+        if not self.leases.still_mine(state.id):
+            raise StoreLockedError(f"{self.location}: unit {state.id} was taken over by another process meanwhile")
+        rows = len(state.done_keys) + self._written  # committed before this run, and by it
+        write_unit_record(self.blobs, state.id, rows, state.failures)
+        self.leases.release(state.id)
+        self.state = None
+
+    def stop(self) -> None:
+        """Commit what was written of the open unit (no record: it is not finished)."""
+        if self.state is not None and len(self.keys) > self.shard_committed:
+            self._commit_shard()
+        if self.state is not None:
+            self.leases.release(self.state.id)
+        self.state = None
+
+
+class UnitStoreWriter:
+    """The pipeline's writer stage for a distributed build's store: the `Writer` protocol
+    plus `begin_unit` / `end_unit`, called by the runner in the stream's order."""
+
+    def __init__(self, store: UnitStore) -> None:
+        self.store = store
+        self.location = store.location
+        self.info = store.info
+        self._unit = UnitWriter(store)
+        self._state: UnitState | None = None
+        self._taken: set[str] = set()
+        self._closed = False
+
+    def pending(self, keys: Sequence[str]) -> set[str]:
+        state = self._state
+        done = state.done_keys if state is not None else set()
+        return {k for k in keys if k not in done}
+
+    def begin_unit(self, state: UnitState) -> None:
+        self._state = state
+        self._taken = set(state.done_keys)
+        self._unit.begin(state)
+
+    def write(self, batch: EncodedBatch) -> None:
+        take = [i for i, it in enumerate(batch.items) if it.key not in self._taken]
+        if not take:
+            return
+        self._taken.update(batch.items[i].key for i in take)
+        rows = slice(None) if len(take) == len(batch.items) else np.asarray(take)
+        emb = None
+        if batch.embedding is not None and self.info.embedding_dim:
+            emb = np.asarray(batch.embedding[rows], dtype=np.float32)
+        self._unit.append(
+            [batch.items[i].key for i in take],
+            [batch.items[i].path for i in take],
+            batch.features[rows],
+            np.asarray(batch.masks[rows], dtype=np.uint8),
+            np.asarray(batch.orig_size_hw[rows], dtype=np.int32),
+            emb,
+        )
+
+    def record_failures(self, failures: Sequence[Failure]) -> None:
+        if self._state is not None:
+            self._state.failures.extend(failures)
+
+    def end_unit(self, state: UnitState) -> None:
+        self._unit.end()
+        self._state = None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._unit.stop()
+        finally:
+            self.store.leases.release_all()
