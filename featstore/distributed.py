@@ -52,7 +52,8 @@ def listing_plan(keys: Sequence[str], unit_images: int) -> Plan:
 class SchedulerStats:
     units: int = 0  # units this process took
     stolen: int = 0  # of them, outside its own block
-    images: int = 0  # images it handed to the reader
+    planned: int = 0  # images of the units it took
+    images: int = 0  # of them, those it handed to the reader (the others were done)
     waited_s: float = 0.0  # waiting for units other processes held
 
 
@@ -104,6 +105,7 @@ class Scheduler:
                 self.stats.units += 1
                 self.stats.stolen += u not in own
                 self.stats.images += len(todo)
+                self.stats.planned += len(state.items)
                 yield UnitMark(state, start=True)
                 if todo:
                     yield from reader.batches(todo)
@@ -112,12 +114,12 @@ class Scheduler:
             if remaining:
                 t0 = time.monotonic()
                 if self.stop is not None:
-                    self.stop_wait(self.poll_s)
+                    self._stop_wait(self.poll_s)
                 else:
                     time.sleep(self.poll_s)
                 self.stats.waited_s += time.monotonic() - t0
 
-    def stop_wait(self, seconds: float) -> None:
+    def _stop_wait(self, seconds: float) -> None:
         end = time.monotonic() + seconds
         while time.monotonic() < end and not self._stopped():
             time.sleep(min(0.05, seconds))

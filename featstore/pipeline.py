@@ -92,6 +92,9 @@ class BuildResult:
     units_finished: int = 0  # distributed with a store: units of the plan finished ...
     units_planned: int = 0  # ... of this many
     complete: bool | None = None  # distributed with a store: whether the store is finalized
+    wait_seconds: float = 0.0  # distributed: waiting for units other processes held
+    finalize_seconds: float = 0.0  # distributed with a store: checking for and doing the finalize
+    lease_requests: int = 0  # distributed with a store: lease operations (creates, reads, renewals, ...)
 
     @property
     def failed(self) -> int:
@@ -446,17 +449,18 @@ def build(
         share=share,
     )
     if scheduler is not None:
-        result.skipped = len(items) - scheduler.stats.images
-        result.units, result.stolen = scheduler.stats.units, scheduler.stats.stolen
+        stats = scheduler.stats
+        result.skipped = stats.planned - stats.images
+        result.units, result.stolen, result.wait_seconds = stats.units, stats.stolen, stats.waited_s
         if unit_store is not None:
+            t0 = time.perf_counter()
             try:
-                if stop.signum is None:
-                    result.complete = unit_store.finalize(scheduler.plan)
-                else:
-                    result.complete = False
+                result.complete = unit_store.finalize(scheduler.plan) if stop.signum is None else False
                 result.units_finished, result.units_planned = unit_store.complete(scheduler.plan)
+                result.lease_requests = unit_store.leases.requests
             finally:
                 unit_store.close()
+            result.finalize_seconds = time.perf_counter() - t0
     if stop.signum is not None:
         raise BuildInterrupted(stop.signum, result.encoded, result)
     return result
