@@ -106,7 +106,10 @@ def _progress_factory(quiet: bool) -> Any:
             if run.seconds > 0:
                 decode, write = run.stages.decode_wait / run.seconds, run.stages.write_wait / run.seconds
                 waits = f"  waiting for decode {decode:.0%}, disk {write:.0%}"
-            self.progress.update(self.task, completed=done, rate=rate, failed=run.decode_failures, waits=waits)
+            total = max(run.total, done) if run.total else None  # a distributed process's estimate grows
+            self.progress.update(
+                self.task, completed=done, total=total, rate=rate, failed=run.decode_failures, waits=waits
+            )
 
     return _Bar
 

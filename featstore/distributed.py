@@ -74,6 +74,13 @@ class Scheduler:
         self.store, self.writers, self.stop = store, writers, stop
         self.poll_s = poll_s
         self.stats = SchedulerStats()
+        own = block(share, plan.units)
+        self._own_left = {u: len(range(*plan.unit_slice(u).indices(len(self.items)))) for u in own}
+
+    def expected(self) -> int:
+        """Images this process is expected to hand the reader: those of the units it took,
+        and all of its own block's units not taken yet (for the progress bar)."""
+        return self.stats.images + sum(self._own_left.values())
 
     def order(self) -> list[int]:
         own = block(self.share, self.plan.units)
@@ -88,6 +95,9 @@ class Scheduler:
         store = self.store
         finished = store.finished() if store is not None else set()
         remaining = [u for u in self.order() if self.plan.unit_id(u) not in finished]
+        for u in list(self._own_left):
+            if self.plan.unit_id(u) in finished:
+                del self._own_left[u]
         own = block(self.share, self.plan.units)
         while remaining and not self._stopped():
             held: list[int] = []
@@ -95,6 +105,8 @@ class Scheduler:
                 if self._stopped():
                     return
                 state = self._take(u)
+                if state != "held":
+                    self._own_left.pop(u, None)
                 if state is None:
                     continue
                 if state == "held":

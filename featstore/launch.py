@@ -34,7 +34,7 @@ class Share:
     world: int = 1
     local_rank: int = 0
     local_world: int = 1
-    launcher: str = "single"  # single | shard | torchrun | slurm
+    launcher: str = "single"  # single | shard | torchrun | slurm | resume (one process, a distributed build's plan)
     steal: bool = True  # take other processes' unclaimed units when done with one's own
 
     @property
@@ -42,6 +42,8 @@ class Share:
         return self.launcher != "single"
 
     def describe(self) -> str:
+        if self.launcher == "resume":
+            return "one process, resuming a distributed build"
         return f"process {self.rank + 1} of {self.world} ({self.launcher})"
 
 
@@ -103,6 +105,15 @@ def host_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def process_cpus(share: Share) -> int:
+    """The cores this process may use: the host's divided among its processes, unless the
+    launcher already bound this process to its own (SLURM with --cpus-per-task, taskset)."""
+    usable, total = host_cpus(), os.cpu_count() or 1
+    if usable < total:  # bound: these are already this process's share
+        return usable
+    return max(1, usable // max(1, share.local_world))
+
+
 def cuda_device_for(share: Share, device_count: int) -> str:
     """The GPU of this process: its local rank (modulo the GPUs visible)."""
     if device_count < 1:
@@ -115,5 +126,4 @@ def workers_for(share: Share, on_cuda: bool) -> int:
     process itself (on CPU the model needs the cores: one worker)."""
     if not on_cuda:
         return 1
-    per_process = host_cpus() // max(1, share.local_world)
-    return max(1, min(per_process - 1, 16))
+    return max(1, min(process_cpus(share) - 1, 16))

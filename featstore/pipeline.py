@@ -4,8 +4,10 @@ files and/or a store.
 
 It lists the input's images (`Source.discover`), checks the options and outputs, loads
 the model (`featstore.loading`) into a `PatchEncoder`, opens the writers
-(`featstore.npy`, `featstore.store.writer`), and hands the images still to do, as one
-work unit, to the reader (`featstore.reader`) and the runner (`featstore.runner`).
+(`featstore.npy`, `featstore.store.writer`), and hands the images still to do to the
+reader (`featstore.reader`) and the runner (`featstore.runner`): a single process as
+one work unit; one process of a distributed build (torchrun, SLURM, `--shard`; see
+`featstore.launch`) unit by unit, as its `featstore.distributed.Scheduler` takes them.
 `build(..., encoder=...)` takes any `ModelEncoder` instead of loading a model: the seam
 for tests and benchmarks.
 """
@@ -27,7 +29,7 @@ from featstore.distributed import Scheduler, block, listing_plan
 from featstore.encoder import Encoded, Encoder, PatchEncoder
 from featstore.errors import BuildInterrupted, ConfigError
 from featstore.images import DEFAULT_MAX_PIXELS, Preprocess, output_collisions, unusable_names
-from featstore.launch import Share, cuda_device_for, detect_share, host_cpus, workers_for
+from featstore.launch import Share, cuda_device_for, detect_share, process_cpus, workers_for
 from featstore.loading import LoadedModel, check_preset_options, load_model
 from featstore.npy import FAILURES_FILE, NpyWriter
 from featstore.reader import ImageReader
@@ -233,14 +235,29 @@ def _distributed_options(options: BuildOptions, share: Share, store: Any) -> Bui
         )
     if options.overwrite:
         raise ConfigError(
-            f"--overwrite with {share.world} processes: each would delete the others' work; delete the outputs "
-            "first, or run once with --overwrite from one process"
+            f"--overwrite in a distributed build ({share.describe()}): each process would delete the others' "
+            "work; delete the outputs first, or run once with --overwrite from one process without --shard"
         )
     if options.device in ("auto", "cuda") and torch.cuda.is_available():
         return replace(options, device=cuda_device_for(share, torch.cuda.device_count()))
     if "OMP_NUM_THREADS" not in os.environ:  # on CPU; torchrun sets it, srun and --shard do not
-        torch.set_num_threads(max(1, host_cpus() // share.local_world))
+        torch.set_num_threads(process_cpus(share))
     return options
+
+
+def _with_expected_total(update: ProgressFn, scheduler: Scheduler) -> ProgressFn:
+    def progress(run: RunResult) -> None:
+        run.total = scheduler.expected()  # grows when the process takes others' units
+        update(run)
+
+    return progress
+
+
+def _close(writers: list[Writer], unit_store: UnitStore | None) -> None:
+    for w in writers:
+        w.close()
+    if unit_store is not None:
+        unit_store.close()
 
 
 def _failures_file(share: Share) -> str:
@@ -311,6 +328,11 @@ def build(
         raise ConfigError("nothing to write: give --npy-dir, --store or both")
     _check_options(options)
     share = share if share is not None else detect_share()
+    if not share.distributed and store is not None and not options.overwrite:
+        from featstore.store.writer import has_open_plan
+
+        if has_open_plan(store):  # finish the distributed build's units, in their order
+            share = Share(launcher="resume")
     if share.distributed:
         options = _distributed_options(options, share, store)
     source = input_dir if isinstance(input_dir, Source) else as_source(input_dir, recursive=options.recursive)
@@ -367,12 +389,10 @@ def build(
                     )
                 )
         except OSError as e:
-            for w in writers:
-                w.close()
+            _close(writers, unit_store)
             raise output_error(e) from None
         except BaseException:
-            for w in writers:
-                w.close()
+            _close(writers, unit_store)
             raise
 
         bad_names = unusable_names(items)  # not UTF-8, backslash: refused per file
@@ -392,11 +412,10 @@ def build(
             try:
                 scheduler = _scheduler(share, items, failures, unit_store, writers, stop, unit_images)
             except BaseException:
-                for w in writers:
-                    w.close()
+                _close(writers, unit_store)
                 raise
             own = block(share, scheduler.plan.units)
-            todo = [it for u in own for it in scheduler.items[scheduler.plan.unit_slice(u)]]  # for the progress bar
+            todo = [it for u in own for it in scheduler.items[scheduler.plan.unit_slice(u)]]  # the first estimate
         else:
             pending: set[str] = set()
             for w in writers:
@@ -425,6 +444,8 @@ def build(
         try:
             with progress_ctx as update:
                 progress: ProgressFn | None = update
+                if scheduler is not None and update is not None:
+                    progress = _with_expected_total(update, scheduler)
                 ran: RunResult = run(
                     scheduler.stream(reader) if scheduler is not None else reader.batches(todo),
                     encoder,
@@ -435,7 +456,13 @@ def build(
                     stop=stop,
                 )
         except OSError as e:
+            if unit_store is not None:
+                unit_store.close()
             raise output_error(e) from None
+        except BaseException:
+            if unit_store is not None:
+                unit_store.close()
+            raise
 
     result = BuildResult(
         total=len(items) + len(failures),

@@ -37,7 +37,7 @@ class RecordingWriter:
         self.batches.append(batch)
 
     def record_failures(self, failures) -> None:
-        self.failures = list(failures)
+        self.failures.extend(failures)  # called as failures are found
 
     def close(self) -> None:
         self.closed = True

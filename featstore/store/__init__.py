@@ -6,10 +6,12 @@ or HDF5 (`*.h5`, `*.hdf5`, local), behind one reader interface.
         row = store["cats/a.png"]          # or store[0], store[-1]
         batch = store.get_batch([0, 5, "dogs/b.jpg"])
 
-Writing goes through `open_store_writer` (the pipeline's store stage). Modules: the
-array layout and the reader interface (`base`), where a store lives (`location`),
-object I/O local and remote (`_blobs`), byte-range rows (`_direct`), the backends
-(`_zarr`, `_hdf5`) and the writer facade (`writer`).
+Writing goes through `open_store_writer` (a single-process build's store stage) or
+`open_unit_store` (one process of a distributed build). Modules: the array layout and
+the reader interface (`base`), where a store lives (`location`), object I/O local and
+remote (`_blobs`), byte-range rows (`_direct`), the backends (`_zarr`, `_hdf5`), the
+writer facade (`writer`), and for distributed builds the work plans (`plans`), the
+unit leases (`leases`) and the unit writer with the finalize step (`units`).
 
 The commit protocol (Zarr, layout 2)
 ------------------------------------
@@ -49,12 +51,15 @@ PUT can be conditional (`If-None-Match: *`), a prefix can be listed. No rename, 
   write on); afterwards the single-process build raises the arrays' shapes after each
   commit (so that zarr-python and TensorStore see the rows too) and writes the
   attributes (`failed`) when it closes. Readers never depend on the shapes.
-- Progress is recorded by shard, never by process: many writers (on many nodes) can own
-  disjoint shard ranges, claim and commit them the same way and leave metadata to one
-  process; what is done is read from the keys chunks alone. Rows are ordered by shard,
-  so gaps between shards are allowed (plain Zarr readers see them as empty keys).
-  Claims carry the owner and its start time, so that an expiry (for live writers
-  sharing a store) can be added without changing the layout.
+- Progress is recorded by shard, never by process. A distributed build (many
+  processes, many nodes: `featstore.store.units`) cuts its sorted image list into a
+  plan of units of whole shards (`featstore.store.plans`, kept in the `plans` array);
+  each unit's shards are written by the holder of the unit's lease (`leases`, with an
+  expiry and takeover, `featstore.store.leases`) exactly as above, a finished unit gets
+  a record (`units`: its failures), and the process that sees every unit finished
+  writes the metadata (failures merged, shapes). Rows are ordered by shard, so gaps
+  between shards are allowed (plain Zarr readers see them as empty keys). A
+  single-process writer never writes into a plan's shards: it starts after them.
 
 Failures it survives: a writer killed at any moment (before its keys chunk, the shard
 does not exist; after it, it is complete; a rerun refills the partial shard, skips

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -227,23 +228,29 @@ class UnitStore:
         done = self.finished()
         return sum(plan.unit_id(u) in done for u in range(plan.units)), plan.units
 
-    def finalize(self, plan: Plan) -> bool:
-        """If every unit of `plan` is finished and no other process finalizes now: merge the
-        failures into the store's attributes and raise the arrays' shapes. True if the store
-        is finalized (by this call or an earlier one)."""
-        done, total = self.complete(plan)
-        if done < total:
-            return False
-        group = _doc(self.blobs.read("zarr.json"), "zarr.json") or {}
-        if (group.get("attributes") or {}).get("plan") == plan.index:
-            return True
-        if not self.leases.acquire(FINALIZE):
-            return False
+    def finalize(self, plan: Plan, poll_s: float = 0.2) -> bool:
+        """If every unit of `plan` is finished: merge the failures into the store's
+        attributes and raise the arrays' shapes, once (the finalize lease elects the
+        process; the others wait for it). True when the store is finalized, False if
+        units are still unfinished."""
+        while True:
+            done, total = self.complete(plan)
+            if done < total:
+                return False
+            group = _doc(self.blobs.read("zarr.json"), "zarr.json") or {}
+            if (group.get("attributes") or {}).get("plan") == plan.index:
+                return True  # by another process, or an earlier run
+            if self.leases.acquire(FINALIZE):
+                break
+            time.sleep(poll_s)  # another process finalizes now (or its lease expires)
         try:
+            group = _doc(self.blobs.read("zarr.json"), "zarr.json") or {}
             attrs = dict(group.get("attributes") or {})
-            planned = set(plan.keys) if plan.keys is not None else None
+            if attrs.get("plan") == plan.index:
+                return True
+            planned = set(plan.keys) if plan.keys is not None else set()
             new = plan.failures + read_unit_failures(self.blobs, [plan.unit_id(u) for u in range(plan.units)])
-            redone = {f.key for f in new} | (planned or set())
+            redone = {f.key for f in new} | planned
             merged: dict[str, str] = {f.key: f.reason for f in failures_from_attrs(attrs) if f.key not in redone}
             for f in new:
                 merged.pop(f.key, None)

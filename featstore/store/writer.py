@@ -127,6 +127,28 @@ def open_store_writer(
     return StoreWriter(location, info, sink)
 
 
+def has_open_plan(where: str | os.PathLike[str] | Location) -> bool:
+    """Whether the Zarr store at `where` has a distributed build's plan not yet finalized
+    (a build of it should go on unit by unit, whatever the number of processes)."""
+    location = as_location(where)
+    if location.format != "zarr" or (location.is_local and not os.path.isdir(location.url)):
+        return False
+    from featstore.store._blobs import open_blobs
+    from featstore.store.plans import latest_plan
+
+    blobs = open_blobs(location)
+    try:
+        plan = latest_plan(blobs)
+        if plan is None or plan.closed:
+            return False
+        from featstore.store._zarr import _doc
+
+        group = _doc(blobs.read("zarr.json"), "zarr.json") or {}
+        return (group.get("attributes") or {}).get("plan") != plan.index
+    finally:
+        blobs.close()
+
+
 def open_unit_store(
     where: str | os.PathLike[str] | Location,
     info: EncodingInfo,
