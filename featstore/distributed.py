@@ -5,7 +5,8 @@ each unit's keys going to its own shards, in the list's order. `Scheduler.stream
 turns this process's share of the plan into the runner's input: for each unit it
 takes, a `UnitMark` (start), the reader's batches of the unit's images still to do,
 and a `UnitMark` (end), on which the store's unit writer commits the unit and
-releases it.
+releases it. One unit ahead is taken and its reader started while the current one is
+encoded, so decode workers never start cold between units.
 
 Which units a process takes: its own block of the plan first (process r of N: units
 r*U/N up to (r+1)*U/N), then, unless it runs with `--shard` (exactly its part), the
@@ -25,7 +26,7 @@ one, so a re-run with any number of processes does exactly what is missing).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 
 from featstore.batches import ImageBatch, ImageItem, UnitMark, Writer
@@ -35,7 +36,7 @@ from featstore.signals import StopRequest
 from featstore.store.plans import Plan, listing_digest
 from featstore.store.units import UnitState, UnitStore
 
-POLL_S = 1.0  # how often a process with nothing to take looks at the units others hold
+POLL_S = 0.5  # how often a process with nothing to take looks at the units others hold
 
 
 def block(share: Share, units: int) -> range:
@@ -92,6 +93,58 @@ class Scheduler:
         return self.stop is not None and self.stop.requested
 
     def stream(self, reader: ImageReader) -> Iterator[ImageBatch | UnitMark]:
+        """The runner's input: for each unit taken, its start mark, its batches, its end mark.
+
+        The next unit is taken, and its reader started, as soon as the current unit's
+        first batch is out: its decode workers prefetch while the current unit is
+        encoded, so the model does not wait for workers to start at each unit."""
+        units = self._units()
+        ahead: tuple[UnitState, Iterator[ImageBatch]] | None = None
+        batches: Iterator[ImageBatch] = iter(())
+        try:
+            while not self._stopped():
+                if ahead is None:
+                    ahead = self._next(units, reader, block=True)
+                    if ahead is None:
+                        return
+                (state, batches), ahead = ahead, None
+                yield UnitMark(state, start=True)
+                for batch in batches:
+                    yield batch
+                    if ahead is None and not self._stopped():
+                        ahead = self._next(units, reader, block=False)
+                yield UnitMark(state, start=False)
+        finally:  # stopped: shut the decode workers down now (a unit taken ahead is released at close)
+            for it in (batches, ahead[1] if ahead is not None else iter(())):
+                close = getattr(it, "close", None)
+                if close is not None:
+                    close()
+            units.close()
+
+    def _next(
+        self, units: Iterator[UnitState | None], reader: ImageReader, *, block: bool
+    ) -> tuple[UnitState, Iterator[ImageBatch]] | None:
+        """The next unit taken and its batches (started), or None: none left, or (without
+        `block`) none to take right now."""
+        for state in units:
+            if state is None:  # every unit left is held by another process
+                if not block:
+                    return None
+                t0 = time.monotonic()
+                self._stop_wait(self.poll_s)
+                self.stats.waited_s += time.monotonic() - t0
+                if self._stopped():
+                    return None
+                continue
+            todo = self._todo(state)
+            self.stats.images += len(todo)
+            self.stats.planned += len(state.items)
+            return state, reader.start(todo) if todo else iter(())
+        return None
+
+    def _units(self) -> Generator[UnitState | None, None, None]:
+        """Units as this process takes them (in `order`); None whenever all the units left
+        are held by others (the caller waits and asks again)."""
         store = self.store
         finished = store.finished() if store is not None else set()
         remaining = [u for u in self.order() if self.plan.unit_id(u) not in finished]
@@ -99,37 +152,21 @@ class Scheduler:
             if self.plan.unit_id(u) in finished:
                 del self._own_left[u]
         own = block(self.share, self.plan.units)
-        while remaining and not self._stopped():
+        while remaining:
             held: list[int] = []
             for u in remaining:
-                if self._stopped():
-                    return
                 state = self._take(u)
                 if state != "held":
                     self._own_left.pop(u, None)
-                if state is None:
-                    continue
                 if state == "held":
                     held.append(u)
-                    continue
-                assert isinstance(state, UnitState)
-                todo = self._todo(state)
-                self.stats.units += 1
-                self.stats.stolen += u not in own
-                self.stats.images += len(todo)
-                self.stats.planned += len(state.items)
-                yield UnitMark(state, start=True)
-                if todo:
-                    yield from reader.batches(todo)
-                yield UnitMark(state, start=False)
+                elif isinstance(state, UnitState):
+                    self.stats.units += 1
+                    self.stats.stolen += u not in own
+                    yield state
             remaining = held
             if remaining:
-                t0 = time.monotonic()
-                if self.stop is not None:
-                    self._stop_wait(self.poll_s)
-                else:
-                    time.sleep(self.poll_s)
-                self.stats.waited_s += time.monotonic() - t0
+                yield None
 
     def _stop_wait(self, seconds: float) -> None:
         end = time.monotonic() + seconds
@@ -143,11 +180,9 @@ class Scheduler:
         if store is None:
             return UnitState(self.plan, u, items, [])
         uid = self.plan.unit_id(u)
-        if store.is_finished(uid):
-            return None
         if not store.leases.acquire(uid):
             return "held"
-        if store.is_finished(uid):  # finished by its owner just before
+        if store.is_finished(uid):  # finished (the process's first listing said which were)
             store.leases.release(uid)
             return None
         return store.unit_state(self.plan, u, items)

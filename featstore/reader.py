@@ -179,27 +179,52 @@ class ImageReader:
     def batches(self, unit: Sequence[ImageItem]) -> Iterator[ImageBatch]:
         """Batches of `unit` (files and objects in order, tar samples shard by shard);
         images that cannot be used are the batches' failures."""
+        for dataset, workers in self._datasets(unit):
+            yield from self._load(dataset, workers)
+
+    def start(self, unit: Sequence[ImageItem]) -> Iterator[ImageBatch]:
+        """`batches(unit)`, with its decode workers started now: they prefetch while the
+        caller is busy with something else (the unit before, say)."""
+        parts = self._datasets(unit)
+        if not parts:
+            return iter(())
+        return self._started(iter(self._loader(*parts[0])), parts[1:])  # the first workers start here
+
+    def _started(self, first: Iterator[ImageBatch], rest: list[tuple[Dataset[Sample], int]]) -> Iterator[ImageBatch]:
+        try:
+            yield from first
+            for dataset, workers in rest:
+                yield from self._load(dataset, workers)
+        finally:
+            shutdown = getattr(first, "_shutdown_workers", None)  # now, not when garbage-collected
+            if shutdown is not None:
+                shutdown()
+
+    def _datasets(self, unit: Sequence[ImageItem]) -> list[tuple[Dataset[Sample], int]]:
+        """What reads the unit: one dataset per kind of item, each with its worker count."""
         files = [it for it in unit if it.member is None and not is_url(it.path)]
         objects = [it for it in unit if it.member is None and is_url(it.path)]
         members = [it for it in unit if it.member is not None]
+        out: list[tuple[Dataset[Sample], int]] = []
         if files:
-            yield from self._load(_ImageDataset(files, self.size, self.grid, self.max_pixels, self.preprocess))
+            out.append((_ImageDataset(files, self.size, self.grid, self.max_pixels, self.preprocess), self.workers))
         if objects:
             remote = self.remote or Remote(objects[0].path.partition("://")[0])
-            yield from self._load(
-                _ObjectDataset(objects, self.size, self.grid, self.max_pixels, self.preprocess, remote)
-            )
+            dataset = _ObjectDataset(objects, self.size, self.grid, self.max_pixels, self.preprocess, remote)
+            out.append((dataset, self.workers))
         if members:
             shards = [(path, list(group)) for path, group in groupby(members, key=lambda it: it.path)]
-            workers = min(self.workers, len(shards))  # a worker with no shard would only cost a fork
             first = members[0].path
             opener = self.remote or (Remote(first.partition("://")[0]) if is_url(first) else None)
-            dataset = _ShardDataset(shards, self.size, self.grid, self.max_pixels, self.preprocess, opener)
-            yield from self._load(dataset, workers)
+            tars = _ShardDataset(shards, self.size, self.grid, self.max_pixels, self.preprocess, opener)
+            out.append((tars, min(self.workers, len(shards))))  # a worker with no shard would only cost a fork
+        return out
 
-    def _load(self, dataset: Dataset[Sample], workers: int | None = None) -> Iterator[ImageBatch]:
-        workers = self.workers if workers is None else workers
-        loader = DataLoader(
+    def _load(self, dataset: Dataset[Sample], workers: int) -> Iterator[ImageBatch]:
+        yield from self._loader(dataset, workers)
+
+    def _loader(self, dataset: Dataset[Sample], workers: int) -> DataLoader[Sample]:
+        return DataLoader(
             dataset,
             batch_size=self.batch_size,
             num_workers=workers,
@@ -209,4 +234,3 @@ class ImageReader:
             persistent_workers=False,
             worker_init_fn=_ignore_stop_signals if workers else None,
         )
-        yield from loader

@@ -315,7 +315,7 @@ class RemoteBlobs(Blobs):
             return []
         paths = [self._path(k) for k in keys]
         try:
-            got = self.fs.cat(paths, on_error="return")
+            got = self._get_all(paths)
         except Exception as e:
             raise self._error(e, "read") from None
         out: list[bytes | None] = []
@@ -328,6 +328,27 @@ class RemoteBlobs(Blobs):
             else:
                 out.append(bytes(v) if v is not None else None)
         return out
+
+    def _get_all(self, paths: list[str]) -> dict[str, Any]:
+        """path -> bytes or the exception, one GET each, concurrently. (fsspec's `cat`
+        first checks every path, one HEAD or listing each: twice the requests.)"""
+        fs = self.fs
+        if not getattr(fs, "async_impl", False):
+            return dict(fs.cat(paths, on_error="return"))
+        import asyncio
+
+        from fsspec.asyn import sync
+
+        async def one(p: str) -> Any:
+            try:
+                return await fs._cat_file(p)
+            except Exception as e:
+                return e
+
+        async def all_of() -> list[Any]:
+            return await asyncio.gather(*(one(p) for p in paths))
+
+        return dict(zip(paths, sync(fs.loop, all_of), strict=True))
 
     def read_into(self, key: str, out: np.ndarray, at: np.ndarray, offsets: np.ndarray, row_bytes: int) -> None:
         if len(at) == 0:

@@ -14,10 +14,12 @@ what object storage gives (a conditional create, `If-None-Match: *`), no server 
 - **Renew.** A heartbeat thread rewrites each held lease with a later expiry every
   `ttl / 4`, so a live owner's lease never expires unless its process stalls for most
   of `ttl`.
-- **Still mine?** Before a commit, the owner checks that its own generation still
-  names it and that no next generation exists (two reads), and that its last renewal
-  is recent (under `ttl / 2` ago). A stalled owner whose lease was taken over stops
-  there, before its commit record.
+- **Still mine?** Before each commit the owner checks that its last renewal is recent
+  (under `ttl / 2` ago): a taker needs the lease expired, i.e. no renewal for `ttl`, so
+  a lease renewed that recently cannot have been taken over (clocks agreeing to within
+  `ttl / 2`). At the end of a unit it also reads the store: its own generation still
+  names it and no next generation exists (two reads). A stalled owner stops there,
+  before its commit record.
 - **Release.** The owner deletes its lease when the unit is committed (or when it
   stops). After a release the next owner starts again at generation 0, which is why
   "still mine" compares the owner id, not only the generation.
@@ -188,12 +190,15 @@ class Leases:
             self._renewed[unit] = time.monotonic()
         self._start_heartbeat()
 
-    def still_mine(self, unit: int) -> bool:
-        """Whether this process may commit `unit` now (see the module docstring)."""
+    def still_mine(self, unit: int, *, check_store: bool = True) -> bool:
+        """Whether this process may commit `unit` now (see the module docstring);
+        `check_store=False`: from the renewal time alone, without a request."""
         with self._lock:
             gen, renewed = self.held.get(unit), self._renewed.get(unit, 0.0)
         if gen is None or time.monotonic() - renewed > self.ttl / 2:
             return False
+        if not check_store:
+            return True
         self.requests += 2
         own, nxt = self.blobs.read_many([self.key(unit, gen), self.key(unit, gen + 1)])
         lease = None if own is None else Lease.parse(_decode(own))

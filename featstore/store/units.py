@@ -204,17 +204,24 @@ class UnitStore:
         return self.blobs.read(unit_key(unit_id)) is not None
 
     def unit_state(self, plan: Plan, u: int, items: list[Any]) -> UnitState:
-        """Unit `u` as committed now (read fresh: another process may have written it)."""
+        """Unit `u` as committed now (read fresh: another process may have written it).
+
+        A unit's shards are committed in order, each full before the next, so its keys
+        chunks are read one by one up to the first missing or partial one: a unit
+        nobody has started costs one read."""
         first = plan.unit_id(u)
         keys_reader = self.layout.readers[KEYS]
-        shard_keys = [keys_reader.key(first + i) for i in range(plan.unit_shards)]  # type: ignore[union-attr]
         committed: list[list[str]] = []
-        for key, data in zip(shard_keys, self.blobs.read_many(shard_keys), strict=True):
+        for i in range(plan.unit_shards):
+            key = keys_reader.key(first + i)  # type: ignore[union-attr]
+            data = self.blobs.read(key)
             if data is None:
-                committed.append([])
-                continue
+                break
             chunk = keys_reader.decode(data, key)  # type: ignore[union-attr]
             committed.append([str(v) for v in chunk[: _committed(chunk)].tolist()])
+            if len(committed[-1]) < self.shard_rows:
+                break
+        committed += [[] for _ in range(plan.unit_shards - len(committed))]
         return UnitState(plan, u, items, committed)
 
     def writer_stage(self) -> UnitStoreWriter:
@@ -355,8 +362,8 @@ class UnitWriter(ZarrShardWriter):
         if state is None or not state.first_shard <= shard < state.first_shard + state.plan.unit_shards:
             raise StoreError(f"{self.location}: shard {shard} is outside the unit being written")
 
-    def _still_own(self, shard: int) -> bool:
-        return self.state is not None and self.leases.still_mine(self.state.id)
+    def _still_own(self, shard: int) -> bool:  # before each shard's commit: no request
+        return self.state is not None and self.leases.still_mine(self.state.id, check_store=False)
 
     def _after_commit(self) -> None:
         pass  # shapes and attributes: the finalizer's
