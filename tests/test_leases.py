@@ -91,8 +91,12 @@ def test_renewal_moves_the_expiry_and_a_stale_renewal_stops_commits(blobs: Blobs
     mine.renew()
     second = _lease(blobs, 1, 0)
     assert first is not None and second is not None and second.expires > first.expires
+    assert mine.still_mine(1, check_store=False)  # a shard's commit: renewed recently, no request
+    before = mine.requests
+    mine.still_mine(1, check_store=False)
+    assert mine.requests == before
     mine._renewed[1] -= mine.ttl  # as if the heartbeat had failed for a while
-    assert not mine.still_mine(1)
+    assert not mine.still_mine(1) and not mine.still_mine(1, check_store=False)
     mine.release_all()
 
 

@@ -70,6 +70,20 @@ def test_reader_reads_any_slice_of_the_sorted_list_in_order(folder):
             assert torch.equal(b.pixels[i], by_key[it.key][0]) and (b.masks[i] == by_key[it.key][1]).all()
 
 
+def test_a_started_reader_gives_the_same_batches_and_can_be_dropped(folder):
+    items = discover(folder)
+    reader = _reader(workers=1)
+    started = reader.start(items)  # the decode worker runs from here on
+    got = [(tuple(it.key for it in b.items), b.pixels.clone(), [f.key for f in b.failures]) for b in started]
+    want = [(tuple(it.key for it in b.items), b.pixels, [f.key for f in b.failures]) for b in reader.batches(items)]
+    assert [g[0] for g in got] == [w[0] for w in want] and [g[2] for g in got] == [w[2] for w in want]
+    assert all(torch.equal(g[1], w[1]) for g, w in zip(got, want, strict=True))
+    dropped = reader.start(items)
+    next(dropped)
+    dropped.close()  # type: ignore[attr-defined]  # a stopped build: the worker is shut down now
+    assert list(reader.start([])) == []
+
+
 def test_runner_feeds_writers_in_order_and_times_each_stage(folder):
     items = discover(folder)
     writer, seen = RecordingWriter(), []
