@@ -96,8 +96,9 @@ class Scheduler:
         """The runner's input: for each unit taken, its start mark, its batches, its end mark.
 
         The next unit is taken, and its reader started, as soon as the current unit's
-        first batch is out: its decode workers prefetch while the current unit is
-        encoded, so the model does not wait for workers to start at each unit."""
+        first batch has arrived: its decode workers prefetch while the current unit is
+        encoded, so the model does not wait for workers to start at each unit. (So a
+        process holds the leases of two units at a time.)"""
         units = self._units()
         ahead: tuple[UnitState, Iterator[ImageBatch]] | None = None
         batches: Iterator[ImageBatch] = iter(())
@@ -110,9 +111,9 @@ class Scheduler:
                 (state, batches), ahead = ahead, None
                 yield UnitMark(state, start=True)
                 for batch in batches:
-                    yield batch
-                    if ahead is None and not self._stopped():
+                    if ahead is None and not self._stopped():  # before the batch goes to the encoder
                         ahead = self._next(units, reader, block=False)
+                    yield batch
                 yield UnitMark(state, start=False)
         finally:  # stopped: shut the decode workers down now (a unit taken ahead is released at close)
             for it in (batches, ahead[1] if ahead is not None else iter(())):
