@@ -44,3 +44,21 @@ def test_store_write_benchmark(tmp_path: Path) -> None:
     for shape in ("ViT-B/32 fp16", "ViT-L/14 fp16"):
         assert len(best[shape]) == 5 and all(r["rows_per_s"] > 0 for r in best[shape].values())
     assert [p.name for p in tmp_path.iterdir()] == ["write.json"]  # its work folder is gone
+
+
+def test_distributed_benchmark_compares_the_three_paths(tmp_path: Path) -> None:
+    out = tmp_path / "distributed.json"
+    cmd = [sys.executable, "benchmarks/distributed.py", "--model", "tiny", "--images", "8", "--no-cli", "--no-s3",
+           "--coord-units", "2", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert not report.get("errors"), report["errors"]
+    results = report["results"]
+    stores = results["stores"]
+    assert {"shard 1", "torchrun 1"} <= set(stores) and all(v["ok"] for k, v in stores.items() if k != "reference")
+    for mode in ("plain", "shard", "torchrun"):
+        assert results["builds"][0][mode]["encoded"] == 8
+    coord = results["coordination"]["local"]
+    assert coord["1"]["requests_per_unit"] > 0
+    assert coord["8"]["requests_per_unit"] == coord["1"]["requests_per_unit"]  # the per-shard check makes none
