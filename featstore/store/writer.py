@@ -85,6 +85,18 @@ def refuse_busy_store(where: str | os.PathLike[str] | Location, *, leases: bool 
         raise StoreLockedError(f"{location} is being written by another featstore build (pid {pid})")
 
 
+def _make_parent(location: Location) -> None:
+    """The folder a local store goes in, created if needed; OutputError if it cannot be written."""
+    if not location.is_local:
+        return
+    try:
+        location.path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create {location.path.parent}: {e}") from None
+    if os.path.isdir(location.path.parent) and not os.access(location.path.parent, os.W_OK):
+        raise OutputError(f"cannot create {location}: the folder {location.path.parent} cannot be written")
+
+
 def open_store_writer(
     where: str | os.PathLike[str] | Location,
     info: EncodingInfo,
@@ -106,13 +118,7 @@ def open_store_writer(
     fmt = location.format
     if shard_rows is not None and shard_rows < 1:
         raise StoreError(f"shard_rows must be positive, not {shard_rows}")
-    if location.is_local:
-        try:
-            location.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise OutputError(f"cannot create {location.path.parent}: {e}") from None
-        if os.path.isdir(location.path.parent) and not os.access(location.path.parent, os.W_OK):
-            raise OutputError(f"cannot create {location}: the folder {location.path.parent} cannot be written")
+    _make_parent(location)
     from featstore.store import _zarr
 
     rows = shard_rows or _zarr.default_shard_rows(info)
@@ -161,11 +167,7 @@ def open_unit_store(
     location = as_location(where, storage_options)
     if location.format != "zarr":
         raise StoreError(f"{location}: a distributed build writes Zarr stores (.zarr) only")
-    if location.is_local:
-        try:
-            location.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise OutputError(f"cannot create {location.path.parent}: {e}") from None
+    _make_parent(location)
     from featstore.store import _zarr
     from featstore.store.units import UnitStore
 
