@@ -33,9 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
-from featstore.batches import EncodedBatch, EncodingInfo, Failure
+from featstore.batches import EncodingInfo, Failure
 from featstore.errors import StoreError, StoreLockedError
 from featstore.store._blobs import Blobs, LocalBlobs, open_blobs
 from featstore.store._zarr import (
@@ -62,6 +60,7 @@ from featstore.store.plans import (
     read_unit_failures,
     write_unit_record,
 )
+from featstore.store.writer import StoreWriter
 
 FINALIZE = 2**62  # the lease that elects the metadata writer (no unit has this id)
 
@@ -323,6 +322,8 @@ class UnitWriter(ZarrShardWriter):
         self.extent = 0
         self.state: UnitState | None = None
         self.shard = self.shard_committed = 0
+        self.present: set[str] = set()  # the `RowSink` side: `UnitStoreWriter` keeps it per unit
+        self.old_failures: list[Failure] = []  # failures are merged at finalize, not here
 
     def begin(self, state: UnitState) -> None:
         """Position at the unit's first shard not yet full, refilling it if partial."""
@@ -366,55 +367,37 @@ class UnitWriter(ZarrShardWriter):
         self.leases.release(state.id)
         self.state = None
 
-    def stop(self) -> None:
-        """Commit what was written of the open unit (no record: it is not finished)."""
+    # -- the `RowSink` side, for a stop in the middle of a unit ------------------------
+
+    def finish(self, failed: list[dict[str, str]]) -> None:
+        """Commit what was written of the open unit (no record: it is not finished).
+        `failed` is not stored: the finalizer merges the units' records."""
         if self.state is not None and len(self.keys) > self.shard_committed:
             self._commit_shard()
+
+    def abort(self) -> None:
+        """Release the open unit's lease (its committed shards stay)."""
         if self.state is not None:
             self.leases.release(self.state.id)
         self.state = None
 
 
-class UnitStoreWriter:
-    """The pipeline's writer stage for a distributed build's store: the `Writer` protocol
-    plus `begin_unit` / `end_unit`, called by the runner in the stream's order."""
+class UnitStoreWriter(StoreWriter):
+    """The pipeline's writer stage for a distributed build's store: `StoreWriter` (each key
+    once, the batch checks, the rows handed to the sink) over a `UnitWriter`, plus
+    `begin_unit` / `end_unit`, called by the runner in the stream's order; failures go
+    to the open unit's record."""
 
     def __init__(self, store: UnitStore) -> None:
         self.store = store
-        self.location = store.location
-        self.info = store.info
         self._unit = UnitWriter(store)
         self._state: UnitState | None = None
-        self._taken: set[str] = set()
-        self._closed = False
-
-    def pending(self, keys: Sequence[str]) -> set[str]:
-        state = self._state
-        done = state.done_keys if state is not None else set()
-        return {k for k in keys if k not in done}
+        super().__init__(store.location, store.info, self._unit)
 
     def begin_unit(self, state: UnitState) -> None:
         self._state = state
-        self._taken = set(state.done_keys)
+        self._present = set(state.done_keys)  # what `pending` and `write` skip: the unit's committed keys
         self._unit.begin(state)
-
-    def write(self, batch: EncodedBatch) -> None:
-        take = [i for i, it in enumerate(batch.items) if it.key not in self._taken]
-        if not take:
-            return
-        self._taken.update(batch.items[i].key for i in take)
-        rows = slice(None) if len(take) == len(batch.items) else np.asarray(take)
-        emb = None
-        if batch.embedding is not None and self.info.embedding_dim:
-            emb = np.asarray(batch.embedding[rows], dtype=np.float32)
-        self._unit.append(
-            [batch.items[i].key for i in take],
-            [batch.items[i].path for i in take],
-            batch.features[rows],
-            np.asarray(batch.masks[rows], dtype=np.uint8),
-            np.asarray(batch.orig_size_hw[rows], dtype=np.int32),
-            emb,
-        )
 
     def record_failures(self, failures: Sequence[Failure]) -> None:
         if self._state is not None:
@@ -425,10 +408,8 @@ class UnitStoreWriter:
         self._state = None
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        """Commit what was written of an open unit (it stays unfinished) and release the leases."""
         try:
-            self._unit.stop()
+            super().close()
         finally:
             self.store.leases.release_all()
