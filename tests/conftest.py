@@ -28,19 +28,11 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     import torch
     import transformers
 
+    from featstore.models.family import FAMILIES
+
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
-    clip_cfg = transformers.CLIPVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        patch_size=8,
-        image_size=32,
-        projection_dim=48,
-        hidden_act="quick_gelu",
-        layer_norm_eps=1e-5,
-    )
+    clip_cfg = FAMILIES["clip"].tiny_config()  # the family's own tiny architecture
     dino = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=8, image_size=32, mlp_ratio=2)
     full_clip = transformers.CLIPModel(
         transformers.CLIPConfig(
@@ -58,7 +50,6 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             projection_dim=48,
         )
     )
-    from featstore.models.family import FAMILIES
 
     siglip_cfg = FAMILIES["siglip"].tiny_config()
     full_siglip = transformers.SiglipModel(

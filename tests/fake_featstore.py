@@ -17,6 +17,7 @@ FAKE_SHARD_ROWS=N gives new stores shards of N rows.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -65,6 +66,21 @@ class FakeEncoder:
         x = pixels.float().permute(2, 0, 1)[None] / 255  # (1, 3, S, S)
         patches = torch.nn.functional.avg_pool2d(x, self.size // self.grid)[0]  # (3, g, g)
         return torch.einsum("ck,kij->cij", self.weights, patches).contiguous()
+
+
+def wait_until_held(held: Path, proc: subprocess.Popen[str], wait_s: float = 600) -> None:
+    """Wait until the fake CLI in `proc` holds a batch (`held` exists); fail the test if it
+    ends first, or never gets there within `wait_s` (generous: a build that never starts)."""
+    import pytest
+
+    deadline = time.monotonic() + wait_s
+    while not held.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"the build ended before reaching the held batch: {proc.communicate()[1]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("the build never reached the held batch")
+        time.sleep(0.05)
 
 
 if __name__ == "__main__":

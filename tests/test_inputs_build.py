@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ import webdataset as wds
 import featstore
 from featstore.pipeline import BuildOptions, build
 from featstore.sources import as_source
-from tests.fake_featstore import FakeEncoder
+from tests.fake_featstore import FakeEncoder, wait_until_held
 from tests.test_sources import png_bytes
 
 FAKE_CLI = Path(__file__).with_name("fake_featstore.py")
@@ -226,17 +225,6 @@ def _held_build(tars: Path, work: Path, hold: bool) -> subprocess.Popen[str]:
     )
 
 
-def _wait_for(path: Path, proc: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not path.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"the build ended before reaching the held batch: {proc.communicate()[1]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("the build never reached the held batch")
-        time.sleep(0.05)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_a_tar_build_stopped_mid_shard_resumes_to_the_same_store(collection, tmp_path, sig):
     _build(collection["folder"], tmp_path / "ref.zarr")
@@ -244,7 +232,7 @@ def test_a_tar_build_stopped_mid_shard_resumes_to_the_same_store(collection, tmp
     work = tmp_path / "work"
     work.mkdir()
     proc = _held_build(collection["tars"], work, hold=True)
-    _wait_for(work / "held", proc)  # two batches done, the third in the encoder
+    wait_until_held(work / "held", proc, WAIT_S)  # two batches done, the third in the encoder
     proc.send_signal(sig)
     (work / "release").touch()
     _, err = proc.communicate(timeout=WAIT_S)

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from PIL import Image
 
 import featstore
 from tests.conftest import make_rgba
+from tests.fake_featstore import wait_until_held
 
 FAKE_CLI = Path(__file__).with_name("fake_featstore.py")
 IMAGES, BATCH, HOLD_AFTER = 20, 2, 2
@@ -58,17 +58,6 @@ def _fake_build(images: Path, work: Path, outputs: list[str], hold: bool) -> sub
         text=True,
         start_new_session=True,  # its own process group, as a job in a terminal or under a launcher
     )
-
-
-def _wait_for(path: Path, proc: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not path.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"the build ended before reaching the held batch: {proc.communicate()[1]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("the build never reached the held batch")
-        time.sleep(0.05)
 
 
 def _kept(work: Path, mode: str) -> dict[str, int]:
@@ -113,7 +102,7 @@ def _stop_and_resume(many_images: Path, tmp_path: Path, mode: str, sig: signal.S
     work = tmp_path / "work"
     work.mkdir()
     proc = _fake_build(many_images, work, MODES[mode], hold=True)
-    _wait_for(work / "held", proc)
+    wait_until_held(work / "held", proc, WAIT_S)
     send(proc)
     (work / "release").touch()  # the signal is already pending: the runner sees it when the batch returns
     _, err = proc.communicate(timeout=WAIT_S)
