@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_signals import FAKE_CLI, _fake_build, _wait_for
+from tests.fake_featstore import wait_until_held
+from tests.test_signals import FAKE_CLI, _fake_build
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -175,7 +176,7 @@ def test_a_locked_store_is_refused_before_the_model_loads(image_dir, tmp_path):
     work.mkdir()
     holder = _fake_build(image_dir, work, ["--store", "s.zarr"], hold=True)  # holds the store's lock
     try:
-        _wait_for(work / "held", holder)
+        wait_until_held(work / "held", holder)
         # a model that cannot load: refusing it first would prove the lock was checked later
         p = featstore(
             "build", "-i", str(image_dir), "-m", "no-such-org/no-such-model", "--store", str(work / "s.zarr"),
