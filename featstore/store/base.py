@@ -33,6 +33,7 @@ import numpy as np
 
 from featstore.batches import EncodedBatch, EncodingInfo, Failure, ImageItem
 from featstore.errors import CorruptStoreError, IncompatibleStoreError, StoreError
+from featstore.images import TORCH_MARK
 from featstore.store.location import Format, Location, as_location
 
 LAYOUT_VERSION = 2  # 1: featstore 0.1 (a num_rows attribute); 2: shards commit themselves
@@ -161,6 +162,12 @@ def check_arrays(
             raise CorruptStoreError(f"{path}: array '{name}' holds {shape[0]} rows but num_rows is {num_rows}")
 
 
+def resized_by(info: EncodingInfo) -> str:
+    """Which resizer made a store's rows: its recorded resize names torch's, or Pillow's
+    (every store made before the torch resizer existed)."""
+    return "torch" if TORCH_MARK in info.resize else "pillow"
+
+
 def check_compatible(path: object, stored: EncodingInfo, requested: EncodingInfo) -> None:
     """Refuse to mix rows made differently in one store (IncompatibleStoreError)."""
     for name in EncodingInfo.COMPATIBILITY_FIELDS:
@@ -177,6 +184,11 @@ def check_compatible(path: object, stored: EncodingInfo, requested: EncodingInfo
         )
     # Rows imported from .npy files have no known weights: only the fields above can be checked.
     imported = "imported" in (stored.model_source.get("kind"), requested.model_source.get("kind"))
+    if not imported and resized_by(stored) != resized_by(requested):
+        raise IncompatibleStoreError(
+            f"{path} holds rows resized by {resized_by(stored)} but this build resizes with "
+            f"{resized_by(requested)} (pixels differ slightly); write to another store or pass --overwrite"
+        )
     if not imported and stored.model_source != requested.model_source:
         raise IncompatibleStoreError(
             f"{path} holds features of model_source={stored.model_source} but this build uses "
