@@ -44,7 +44,11 @@ def make_shards(folder: Path, out: Path, per_shard: int) -> str:
     for s in range(count):
         with tarfile.open(out / f"part-{s:06d}.tar", "w") as tf:
             for p in files[s * per_shard : (s + 1) * per_shard]:
-                tf.add(p, arcname=p.stem + p.suffix.lower(), recursive=False)
+                info = tf.gettarinfo(p, arcname=p.stem + p.suffix.lower())
+                # the folders are hard links to a pool: every sample a whole file, not a link member
+                info.type, info.size, info.linkname = tarfile.REGTYPE, p.stat().st_size, ""
+                with open(p, "rb") as f:
+                    tf.addfile(info, f)
     return str(out / f"part-{{000000..{count - 1:06d}}}.tar")
 
 

@@ -20,8 +20,13 @@ import torch.nn.functional as F
 
 def resize(pixels: np.ndarray, hw: tuple[int, int], resample: str) -> np.ndarray:
     """(H, W, C) uint8 -> (h, w, C) uint8, every channel independently."""
+    pixels = np.ascontiguousarray(pixels)
+    h, w, c = pixels.shape
     with warnings.catch_warnings():  # a read-only array (from a Pillow image) is only read
         warnings.simplefilter("ignore", UserWarning)
-        x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)  # a view: channels-last already
-    y = F.interpolate(x.contiguous(memory_format=torch.channels_last), size=hw, mode=resample, antialias=True)
+        flat = torch.from_numpy(pixels)
+    # the image as a channels-last batch of one, with a real batch stride: torch then
+    # keeps the output channels-last too, so it is (h, w, C) without a copy
+    x = flat.as_strided((1, c, h, w), (h * w * c, 1, w * c, c))
+    y = F.interpolate(x, size=hw, mode=resample, antialias=True)
     return np.ascontiguousarray(y[0].permute(1, 2, 0).numpy())

@@ -1,0 +1,469 @@
+"""Feed the GPU: what one decode worker delivers, against Pillow's bare decode of the same files.
+
+    python benchmarks/feed.py             # the full run (about 8 minutes on an idle 2-core machine)
+    python benchmarks/feed.py --quick     # does every part run? (tiny counts, about 1-2 minutes)
+
+1. choices: per-image milliseconds on one thread of every option compared (decoders,
+   resizers, premultiplies, and featstore's whole `load_sample` with each resizer), on
+   each input kind, with how far each resizer's pixels are from Pillow's.
+2. builds: `featstore.pipeline.build` with one decode worker on the CPU, one torch thread
+   in the main process, batch 16, into a .zarr store, through the encoder seam with the
+   tiny random-weight model's encoder (`_memory.tiny_spec`: 2-layer, 64-wide DINOv2) whose
+   forward pass is replaced by zeros of its output shape, so that the worker is the limit
+   (even the tiny model costs the main process more per image than a worker at 518; the
+   rows "tiny model" run it, as the issue measured); for every input kind (512 and 1024 RGBA renders,
+   0.5 MP and 12 MP JPEG photos, RGB PNGs), size (224, 518), source (a folder, WebDataset
+   tar shards, the test S3 server) and resizer (pillow, the default; torch, optional:
+   from the folder only).
+   The rate is the worker's marginal one: images over the time between the first
+   batch's arrival and the last's (start-up left out), from the build's progress
+   callbacks. Beside it Pillow's bare decode (`Image.open(p).load()`) of the same files,
+   best of the repeats, and the ratio. "main ms" is what the main process spends per
+   image besides the model (the loop's time neither waiting for the reader nor encoding:
+   receiving batches, host copy, queueing writes, progress): it must stay below the
+   worker's ms per image, or the main process is the limit.
+3. GPU workers: for ViT-B/32, ViT-L/14 and dinov2-large at 224 and 518 (ViT-B/32 at 512:
+   518 is not a multiple of its 32-pixel patch), the images/s a card reaches at the
+   README's target MFU, and the decode workers of this machine's measured per-worker
+   rate (512 RGBA renders from a folder) that it takes to feed it.
+
+Writes benchmarks/results/feed-<time>[-quick].json (`--out`). Absolute numbers move with
+the machine's load; compare within one run (machine.load_average_* in the JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # tests.s3_server starts the local S3 server
+
+import _compute  # noqa: E402
+import _images  # noqa: E402
+import _memory  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from inputs import make_shards  # noqa: E402
+from PIL import Image  # noqa: E402
+from run import machine_info  # noqa: E402
+
+from featstore import fastdecode  # noqa: E402
+from featstore.batches import ImageItem  # noqa: E402
+from featstore.images import DEFAULT_MAX_PIXELS, Preprocess, _decode, load_sample, resize  # noqa: E402
+from featstore.loading import random_model  # noqa: E402
+from featstore.models import lookup  # noqa: E402
+from featstore.pipeline import BuildOptions, build, model_encoder  # noqa: E402
+from featstore.sources import as_source  # noqa: E402
+
+# ---------------------------------------------------------------- figures copied, with their source
+
+# An 8192^3 bf16 matmul measured 798 TFLOP/s on an H100 (the project's perf notes; NVIDIA's
+# dense bf16 peak for the H100 SXM is 989). The README's CUDA target is 45% MFU of the
+# card's measured matmul rate (benchmarks/README.md, "Targets").
+H100_BF16_MEASURED_TFLOPS = 798.0
+TARGET_MFU = 0.45
+GPU_MODELS = (("ViT-B/32", (224, 512)), ("ViT-L/14", (224, 518)), ("dinov2-large", (224, 518)))
+
+KINDS: dict[str, dict[str, Any]] = {  # images per build at --images 1.0 (about 2-4 s of work each)
+    "render512": {"what": "512x512 RGBA PNG renders", "images": 160},
+    "render1024": {"what": "1024x1024 RGBA PNG renders", "images": 48},
+    "photo05": {"what": "0.5 MP JPEG photos (816x612, quality 90)", "images": 160},
+    "photo12": {"what": "12 MP JPEG photos (4000x3000, quality 90)", "images": 24},
+    "rgbpng": {"what": "RGB PNGs (640x480 photos as PNG)", "images": 96},
+}
+
+
+def make_pool(folder: Path, kind: str, count: int, seed: int = 0) -> list[Path]:
+    """`count` distinct images of `kind` (see KINDS) in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        if kind.startswith("render"):
+            p = folder / f"{kind}_{i:03d}.png"
+            Image.fromarray(_images.render(rng, int(kind.removeprefix("render"))), "RGBA").save(p, compress_level=6)
+        elif kind == "rgbpng":
+            p = folder / f"{kind}_{i:03d}.png"
+            Image.fromarray(_images.photo(rng, (480, 640)), "RGB").save(p, compress_level=6)
+        else:
+            hw = (612, 816) if kind == "photo05" else (3000, 4000)
+            small = _images.photo(rng, (hw[0] // 4, hw[1] // 4)) if kind == "photo12" else _images.photo(rng, hw)
+            im = Image.fromarray(small, "RGB")
+            if kind == "photo12":  # a large photo from a small one, with fresh sensor noise at full size
+                big = np.asarray(im.resize((hw[1], hw[0]), Image.Resampling.BICUBIC)).astype(np.int16)
+                big += rng.integers(-6, 7, big.shape, dtype=np.int16)
+                im = Image.fromarray(np.clip(big, 0, 255).astype(np.uint8), "RGB")
+            p = folder / f"{kind}_{i:03d}.jpg"
+            im.save(p, quality=90)
+        paths.append(p)
+    return paths
+
+
+# ---------------------------------------------------------------- 1. the choices, one thread
+
+
+def per_image_ms(fn: Any, args: list[Any], repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for a in args:
+            fn(a)
+        best = min(best, time.perf_counter() - t0)
+    return 1e3 * best / len(args)
+
+
+def _pillow_array(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+def decoders(paths: list[Path], repeats: int) -> dict[str, float | None]:
+    """ms per image of each decoder that reads these files (None: not installed / declines)."""
+    datas = [p.read_bytes() for p in paths]
+    out: dict[str, float | None] = {
+        "pillow open+load (the bare decode)": per_image_ms(lambda p: Image.open(p).load(), paths, repeats),
+        "pillow open + np.asarray": per_image_ms(_pillow_array, paths, repeats),
+        "featstore Pillow path (_decode)": per_image_ms(
+            lambda p: _decode(str(p), size=224, max_pixels=DEFAULT_MAX_PIXELS), paths, repeats
+        ),
+    }
+    fast = fastdecode.png(str(paths[0]), max_pixels=DEFAULT_MAX_PIXELS)
+    out["featstore fastdecode (pyspng)"] = (
+        per_image_ms(lambda p: fastdecode.png(str(p), max_pixels=DEFAULT_MAX_PIXELS), paths, repeats)
+        if fast is not None
+        else None
+    )
+    try:
+        import imagecodecs
+
+        out["imagecodecs imread"] = per_image_ms(imagecodecs.imread, datas, repeats)
+    except Exception:  # not installed, or not a format it reads here
+        out["imagecodecs imread"] = None
+    try:
+        import cv2
+
+        out["opencv imdecode (BGR order)"] = per_image_ms(
+            lambda d: cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_UNCHANGED), datas, repeats
+        )
+    except ImportError:
+        out["opencv imdecode (BGR order)"] = None
+    return out
+
+
+def _torch_float(pixels: np.ndarray, size: int) -> np.ndarray:
+    x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float()
+    y = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", antialias=True)
+    return y.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()
+
+
+def resizers(arrays: list[np.ndarray], size: int, repeats: int) -> dict[str, dict[str, Any]]:
+    """Shorter side to `size` + center crop: ms per image and distance from Pillow's pixels."""
+    pillow = Preprocess()
+    ref = [resize(a, size, pillow) for a in arrays]
+    square = all(a.shape[0] == a.shape[1] for a in arrays)
+    options: dict[str, Any] = {
+        "pillow (default)": lambda a: resize(a, size, pillow),
+        "torch uint8 antialiased": lambda a: resize(a, size, Preprocess(resizer="torch")),
+    }
+    if square:  # the float32 variant is only for comparison (no crop geometry)
+        options["torch float32 antialiased"] = lambda a: _torch_float(a, size)
+    out = {}
+    for name, fn in options.items():
+        got = [fn(a) for a in arrays]
+        diff = np.concatenate([np.abs(g.astype(int) - r.astype(int)).ravel() for g, r in zip(got, ref, strict=True)])
+        alpha = [
+            int(((g[..., 3] > 0) != (r[..., 3] > 0)).sum()) if g.shape[2] == 4 else 0
+            for g, r in zip(got, ref, strict=True)
+        ]
+        out[name] = {
+            "ms": per_image_ms(fn, arrays, repeats),
+            "max_levels_off": int(diff.max()),
+            "share_of_values_off": float((diff > 0).mean()),
+            "alpha_gt0_pixels_differing": int(sum(alpha)),
+        }
+    return out
+
+
+def _float64_premultiply(rgba: np.ndarray) -> np.ndarray:
+    return (rgba[..., :3] / 255 * rgba[..., 3:4] / 255 * 255).astype(np.uint8)
+
+
+def choices(pools: dict[str, list[Path]], sizes: list[int], repeats: int) -> dict[str, Any]:
+    from featstore.images import premultiply
+
+    torch.set_num_threads(1)
+    out: dict[str, Any] = {}
+    for kind, paths in pools.items():
+        entry: dict[str, Any] = {"decode_ms": decoders(paths, repeats)}
+        arrays = [np.asarray(Image.open(p).convert("RGBA")) for p in paths] if kind != "photo12" else []
+        for size in sizes:
+            if arrays:
+                entry[f"resize_{size}"] = resizers(arrays, size, repeats)
+            items = [ImageItem(p.name, str(p)) for p in paths]
+            g = size // 14
+            entry[f"load_sample_{size}_ms"] = {
+                r: per_image_ms(
+                    lambda it, r=r, s=size, g=g: load_sample(it, size=s, grid=g, preprocess=Preprocess(resizer=r)),
+                    items,
+                    repeats,
+                )
+                for r in ("pillow", "torch")
+            }
+            if kind.startswith("render"):
+                resized = [resize(a, size) for a in arrays]
+                entry[f"premultiply_{size}_ms"] = {
+                    "float64 (before)": per_image_ms(_float64_premultiply, resized, repeats),
+                    "integer, exact (now)": per_image_ms(premultiply, resized, repeats),
+                }
+        out[kind] = entry
+    return out
+
+
+# ---------------------------------------------------------------- 2. builds, one worker
+
+
+class _WithResizer:
+    """A loaded model's encoder with another resizer (the store records it); `null`: the
+    model is not run, zeros of its output shape are written (so the worker is the limit)."""
+
+    def __init__(self, inner: Any, resizer: str, *, null: bool) -> None:
+        self.inner, self.device, self.embedding_dim, self.null = inner, inner.device, inner.embedding_dim, null
+        self.preprocess = replace(inner.preprocess, resizer=resizer)
+        self.info = replace(inner.info, resize=self.preprocess.describe_resize())
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.null:
+            return torch.zeros((len(pixels), *self.info.feature_shape()), dtype=torch.float32)
+        return self.inner.encode(pixels)
+
+    def encode_batch(self, pixels: torch.Tensor) -> Any:
+        return self.inner.encode_batch(pixels)
+
+
+@contextmanager
+def _recorder(log: list[tuple[float, int, bool]]) -> Any:
+    yield lambda r: log.append((time.perf_counter(), r.encoded, r.finished))
+
+
+def build_rate(source: Any, loaded: Any, size: int, resizer: str, out: Path, *, null: bool = True) -> dict[str, Any]:
+    options = BuildOptions(
+        model="tiny", size=size, device="cpu", precision="fp32", batch_size=16, workers=1, overwrite=True
+    )
+    encoder = _WithResizer(model_encoder(options, loaded, embedding=False), resizer, null=null)
+    log: list[tuple[float, int, bool]] = []
+    t0 = time.perf_counter()
+    result = build(source, options, store=out, encoder=encoder, progress_factory=lambda _n: _recorder(log))
+    wall = time.perf_counter() - t0
+    steps = [(t, n) for t, n, finished in log if not finished]
+    (t_first, n_first), (t_last, n_last) = steps[0], steps[-1]
+    rate = (n_last - n_first) / (t_last - t_first) if t_last > t_first else float("nan")
+    st = result.stages
+    # the main loop's own time per image: neither waiting for the worker nor in the model
+    main_s = result.seconds - st.decode_wait - st.commit - st.encode
+    return {
+        "images": result.encoded,
+        "failed": result.failed,
+        "worker_images_per_s": rate,
+        "worker_ms_per_image": 1e3 / rate if rate else None,
+        "main_ms_per_image": 1e3 * main_s / max(result.encoded, 1),
+        "model_ms_per_image": 1e3 * st.encode / max(result.encoded, 1),
+        "wall_s": wall,
+        "stages": st.as_dict(),
+    }
+
+
+def _best(
+    source: Any,
+    loaded: Any,
+    size: int,
+    resizer: str,
+    work: Path,
+    args: argparse.Namespace,
+    bare: float,
+    null: bool = True,
+) -> dict[str, Any]:
+    print(f"build: {source} {size} {resizer}{'' if null else ' (tiny model)'} ...", file=sys.stderr)
+    runs = [build_rate(source, loaded, size, resizer, work / "out.zarr", null=null) for _ in range(args.repeats)]
+    best = max(runs, key=lambda r: r["worker_images_per_s"])
+    best["ratio_to_pillow_bare_decode"] = best["worker_images_per_s"] / bare
+    return best
+
+
+def bare_decode_rate(folder: Path, repeats: int) -> float:
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    return 1e3 / per_image_ms(lambda p: Image.open(p).load(), files, repeats)
+
+
+def builds(
+    work: Path, pools: dict[str, list[Path]], args: argparse.Namespace, loaded: Any, server: Any
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for kind, pool in pools.items():
+        count = max(32, int(KINDS[kind]["images"] * args.images))
+        folder = _images.fill(work / f"in-{kind}", [pool], count)
+        sources: dict[str, Any] = {
+            "folder": as_source(folder),
+            "tar": as_source(make_shards(folder, work / f"tar-{kind}", max(8, count // 4))),
+        }
+        if server is not None:
+            import s3fs
+
+            fs = s3fs.S3FileSystem(**server.options, skip_instance_cache=True)
+            prefix = server.url(f"feed-{kind}")
+            for p in sorted(folder.iterdir()):
+                fs.pipe_file(f"{prefix.removeprefix('s3://')}/{p.name}", p.read_bytes())
+            sources["s3"] = as_source(prefix + "/", storage_options=server.options)
+        bare = bare_decode_rate(folder, args.repeats)
+        entry: dict[str, Any] = {"what": KINDS[kind]["what"], "images": count, "pillow_bare_decode_per_s": bare}
+        for size in args.sizes:
+            for name, source in sources.items():
+                for resizer in args.resizers if name == "folder" else args.resizers[:1]:
+                    entry[f"{size}/{name}/{resizer}"] = _best(source, loaded, size, resizer, work, args, bare)
+        if kind == "render512" and 224 in args.sizes:  # the issue's set-up: a real (tiny) model runs
+            for resizer in args.resizers:
+                key = f"224/folder/{resizer}/tiny model"
+                entry[key] = _best(sources["folder"], loaded, 224, resizer, work, args, bare, null=False)
+        out[kind] = entry
+    return out
+
+
+# ---------------------------------------------------------------- 3. workers a GPU needs
+
+
+def gpu_workers(results: dict[str, Any], sizes: list[int]) -> list[dict[str, Any]]:
+    rows = []
+    for name, model_sizes in GPU_MODELS:
+        spec = lookup(name)
+        for size in model_sizes:
+            flops = _compute.flops_per_image(spec, size)
+            need = TARGET_MFU * H100_BF16_MEASURED_TFLOPS * 1e12 / (flops["gflops"] * 1e9)
+            at = 224 if size == 224 else 518
+            row: dict[str, Any] = {"model": name, "size": size, "gflops": flops["gflops"], "images_per_s": need}
+            for resizer in ("pillow", "torch"):
+                worker = results.get("render512", {}).get(f"{at}/folder/{resizer}", {}).get("worker_images_per_s")
+                row[f"workers_{resizer}"] = math.ceil(need / worker) if worker else None
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- the table and main
+
+
+def _f(x: Any, nd: int = 2) -> str:
+    return "-" if x is None else f"{x:.{nd}f}" if isinstance(x, float) else str(x)
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print("\n== choices (ms per image, one thread; lower is better)")
+    for kind, entry in report["choices"].items():
+        print(f"\n{kind}: {KINDS[kind]['what']}")
+        for name, ms in entry["decode_ms"].items():
+            print(f"  decode   {name:<38} {_f(ms)}")
+        for key, val in entry.items():
+            if key.startswith("resize_"):
+                for name, r in val.items():
+                    print(
+                        f"  {key:<8} {name:<38} {_f(r['ms'])}  max {r['max_levels_off']} levels off, "
+                        f"{100 * r['share_of_values_off']:.2f}% of values, alpha>0 differs at "
+                        f"{r['alpha_gt0_pixels_differing']} px"
+                    )
+            elif key.startswith(("premultiply_", "load_sample_")):
+                for name, ms in val.items():
+                    print(f"  {key:<8} {name:<38} {_f(ms)}")
+    print("\n== one decode worker through `featstore build` (images/s; ratio to Pillow's bare decode)")
+    print(f"{'kind':<11} {'size/source/resizer':<33} {'worker/s':>9} {'ratio':>6} {'worker ms':>9} {'main ms':>8}")
+    for kind, entry in report["builds"].items():
+        print(f"{kind:<11} {'Pillow bare decode':<33} {entry['pillow_bare_decode_per_s']:>9.1f}")
+        for key, r in entry.items():
+            if isinstance(r, dict):
+                print(
+                    f"{'':<11} {key:<33} {r['worker_images_per_s']:>9.1f} {r['ratio_to_pillow_bare_decode']:>6.2f} "
+                    f"{_f(r['worker_ms_per_image']):>9} {_f(r['main_ms_per_image']):>8}"
+                )
+    print(
+        f"\n== decode workers to feed an H100 at {TARGET_MFU:.0%} of its measured bf16 matmul rate "
+        f"({H100_BF16_MEASURED_TFLOPS:.0f} TFLOP/s), 512 RGBA renders, this machine's per-worker rate"
+    )
+    print(f"{'model':<14} {'size':>5} {'GFLOPs':>8} {'images/s':>9} {'workers (pillow)':>17} {'(torch)':>8}")
+    for r in report["gpu_workers"]:
+        print(
+            f"{r['model']:<14} {r['size']:>5} {r['gflops']:>8.1f} {r['images_per_s']:>9.0f} "
+            f"{_f(r['workers_pillow']):>17} {_f(r['workers_torch']):>8}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=float, default=1.0, help="scale of the per-kind image counts")
+    ap.add_argument("--kinds", default=",".join(KINDS), help="input kinds, comma-separated")
+    ap.add_argument("--sizes", default="224,518")
+    ap.add_argument("--resizers", default="pillow,torch")
+    ap.add_argument("--repeats", type=int, default=2, help="best of N (choices and builds)")
+    ap.add_argument("--pool", type=int, default=8, help="distinct images per kind (12 MP: a quarter)")
+    ap.add_argument("--no-s3", action="store_true", help="skip the S3 source (no `weed` binary)")
+    ap.add_argument("--quick", action="store_true", help="tiny counts: only shows that every part runs")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.images, args.repeats, args.pool = 0.01, 1, 2
+    args.sizes = [int(s) for s in args.sizes.split(",")]
+    args.resizers = args.resizers.split(",")
+    kinds = args.kinds.split(",")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = args.out or REPO / "benchmarks" / "results" / f"feed-{stamp}{'-quick' if args.quick else ''}.json"
+    t_start = time.perf_counter()
+    report: dict[str, Any] = {
+        "machine": machine_info(torch.device("cpu")),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "fast_png_decoder": "pyspng" if fastdecode.available() else None,
+        "preprocessing": {r: Preprocess(resizer=r).describe_resize() for r in ("pillow", "torch")},
+        "sources": {
+            "h100_bf16_measured_tflops": "8192^3 bf16 matmul on an H100 (project perf notes)",
+            "target_mfu": "benchmarks/README.md Targets (CUDA MFU >= 0.45)",
+            "gflops": "benchmarks/_compute.flops_per_image (README arithmetic; ViT-L/14 at 224 = 162.0)",
+        },
+    }
+    with tempfile.TemporaryDirectory(prefix="featstore-feed-") as tmp:
+        work = Path(tmp)
+        pools = {}
+        for i, kind in enumerate(kinds):
+            print(f"making {kind} ...", file=sys.stderr)
+            n = max(1, args.pool // 4) if kind == "photo12" else args.pool
+            pools[kind] = make_pool(work / f"pool-{kind}", kind, n, seed=i)
+        report["choices"] = choices(pools, args.sizes, args.repeats)
+        torch.set_num_threads(1)  # the main process leaves the other core to the worker
+        loaded = random_model(_memory.tiny_spec())
+        server = None
+        if not args.no_s3:
+            from tests.s3_server import S3Server
+
+            server = S3Server.start(work / "s3")
+        try:
+            report["builds"] = builds(work, pools, args, loaded, server)
+        finally:
+            if server is not None:
+                server.stop()
+    report["gpu_workers"] = gpu_workers(report["builds"], args.sizes)
+    report["machine"]["load_average_end"] = list(os.getloadavg())
+    report["seconds"] = time.perf_counter() - t_start
+    print_report(report)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=float))
+    print(f"\nwrote {out} ({report['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
