@@ -189,10 +189,16 @@ def engine_order(engine: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def upgrade_store(where: str | os.PathLike[str] | Location, storage_options: Mapping[str, Any] | None = None) -> int:
-    """Bring a Zarr store to the current layout in place; returns the layout it had."""
+    """Bring a store to the current layout and metadata in place; returns the layout it had.
+
+    Zarr: layout 1 to 2, then what older stores lack (dimension names, `key_hash`,
+    consolidated metadata, `num_rows`). HDF5: dimension scales. Rows are not rewritten."""
     location = as_location(where, storage_options)
     if location.format != "zarr":
-        raise StoreError(f"{location}: only Zarr stores have layouts to upgrade")
+        from featstore.store._hdf5 import upgrade_hdf5
+
+        upgrade_hdf5(location)
+        return LAYOUT_VERSION
     from featstore.store._zarr import upgrade_store as run
 
     return run(location)[0]

@@ -45,6 +45,26 @@ ORIG_SIZE = "orig_size_hw"
 EMBEDDING = "embedding"
 ARRAYS = (FEATURES, MASKS, KEYS, SOURCES, ORIG_SIZE, EMBEDDING)
 
+# Dimension names (Zarr's `dimension_names`, HDF5 dimension scales): rows are `keys`, so
+# the keys array is the coordinate of the row dimension for xarray and netCDF readers.
+ROWS = KEYS
+
+
+def dimension_names(name: str, info: EncodingInfo) -> tuple[str, ...] | None:
+    """The dimensions of one of the layout's row arrays (None: not one of them)."""
+    grid = ("y", "x")
+    feature_dims = ("layer", "channel", *grid) if len(info.feature_shape()) == 4 else ("channel", *grid)
+    dims = {
+        FEATURES: (ROWS, *feature_dims),
+        MASKS: (ROWS, *grid),
+        KEYS: (ROWS,),
+        SOURCES: (ROWS,),
+        ORIG_SIZE: (ROWS, "hw"),
+        EMBEDDING: (ROWS, "embedding_dim"),
+    }
+    return dims.get(name)
+
+
 STORE_ATTRS = ("featstore_version", "layout_version", "created", "failed")
 INFO_ATTRS = ("model", "model_source", "family", "feature_type", "size", "grid", "hidden_dim", "dtype")
 FEATURE_DTYPES = ("float16", "float32")
