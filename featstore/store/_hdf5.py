@@ -19,8 +19,8 @@ per chunk): still read, through h5py. Attributes are stored as JSON strings (HDF
 nested dicts and lists of dicts), all of them, so reading is uniform.
 
 For netCDF readers (h5netcdf, xarray): every array's dimensions are HDF5 dimension
-scales named as in Zarr (`featstore.store.base.dimension_names`): `keys` is the scale of
-the row dimension (so the keys are its coordinate), the others are netCDF's
+scales named as in Zarr (`featstore.store.base.dimension_names`): `key` (a copy of the
+keys) is the scale of the row dimension, so the keys are its coordinate; the others are netCDF's
 "dimension without a variable" scales. Files written before have none (h5netcdf then
 shows `phony_dim_*`); `featstore upgrade FILE.h5` adds them.
 """
@@ -41,6 +41,7 @@ from featstore.store.base import (
     ARRAYS,
     EMBEDDING,
     FEATURES,
+    KEY,
     KEYS,
     MASKS,
     ORIG_SIZE,
@@ -163,7 +164,7 @@ class Hdf5FeatureStore(FeatureStore):
             self._file.close()
 
 
-LOCKING_MISMATCH = "file locking flag values don't match"
+LOCKING_MISMATCH = "flag values don't match"  # also "file locking 'ignore disabled locks' flag ..."
 LOCK_FAILED = "unable to lock file"
 
 
@@ -216,12 +217,12 @@ def write_hdf5(
             FEATURES: f.create_dataset(FEATURES, shape=(rows, *info.feature_shape()), dtype=info.dtype),
             MASKS: f.create_dataset(MASKS, shape=(rows, g, g), dtype="uint8"),
             KEYS: f.create_dataset(KEYS, shape=(rows,), dtype=text),
+            KEY: f.create_dataset(KEY, shape=(rows,), dtype=text),  # the row dimension's coordinate
             SOURCES: f.create_dataset(SOURCES, shape=(rows,), dtype=text),
             ORIG_SIZE: f.create_dataset(ORIG_SIZE, shape=(rows, 2), dtype="int32"),
         }
         if info.embedding_dim:
             ds[EMBEDDING] = f.create_dataset(EMBEDDING, shape=(rows, info.embedding_dim), dtype="float32")
-        attach_dimension_scales(f, info)
         for batch in batches:
             k = len(batch)
             if k == 0:
@@ -232,7 +233,7 @@ def write_hdf5(
             ds[FEATURES][rows_] = batch.features
             ds[MASKS][rows_] = batch.masks
             ds[ORIG_SIZE][rows_] = batch.orig_size_hw
-            ds[KEYS][rows_] = np.array([it.key for it in batch.items], dtype=object)
+            ds[KEYS][rows_] = ds[KEY][rows_] = np.array([it.key for it in batch.items], dtype=object)
             ds[SOURCES][rows_] = np.array([it.path for it in batch.items], dtype=object)
             if info.embedding_dim:
                 if batch.embedding is None:
@@ -241,6 +242,7 @@ def write_hdf5(
             n += k
         if n != rows:
             raise ValueError(f"write_hdf5: the batches held {n} rows, {rows} were announced")
+        attach_dimension_scales(f, info)
         for name, value in {**attrs, "num_rows": n}.items():
             f.attrs[name] = json.dumps(value)  # ASCII: safe for any key in "failed"
     return n
@@ -250,10 +252,13 @@ NETCDF_DIMENSION = "This is a netCDF dimension but not a netCDF variable.%10d"  
 
 
 def attach_dimension_scales(f: Any, info: EncodingInfo) -> None:
-    """Name every array's dimensions with HDF5 dimension scales, as netCDF-4 does: `keys`
-    is the row dimension's scale (a coordinate for h5netcdf / xarray); the others are
-    dimensions without a variable (small empty datasets named like the dimension)."""
-    scales: dict[str, Any] = {ROWS: f[KEYS]}
+    """Name every array's dimensions with HDF5 dimension scales, as netCDF-4 does: `key`
+    (a copy of `keys`, made here if missing) is the row dimension's scale, so a coordinate
+    for h5netcdf / xarray; the others are dimensions without a variable (small empty
+    datasets named like the dimension)."""
+    if KEY not in f:
+        f.create_dataset(KEY, data=f[KEYS][...], dtype=f[KEYS].dtype)
+    scales: dict[str, Any] = {ROWS: f[KEY]}
     for name in ARRAYS:
         dims = dimension_names(name, info)
         if name not in f or dims is None:
@@ -267,7 +272,7 @@ def attach_dimension_scales(f: Any, info: EncodingInfo) -> None:
                 scales[dim] = scale
             if not scales[dim].is_scale:
                 scales[dim].make_scale(dim)
-            if scales[dim] != ds:  # the keys are their own scale
+            if scales[dim] != ds:  # `key` is its own scale
                 ds.dims[axis].attach_scale(scales[dim])
 
 

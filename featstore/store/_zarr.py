@@ -30,7 +30,8 @@ from featstore.store._direct import ChunkedRows, ShardedRows, zarr_rows
 from featstore.store._zarr_meta import (
     CLAIMS,
     COORDINATION_DIMENSIONS,
-    KEY_HASH,
+    DERIVED,
+    KEY,
     STRING_ARRAYS,
     group_document,
     key_hashes,
@@ -109,7 +110,7 @@ class Layout:
         self.consolidated = "consolidated_metadata" in group
         self.info = info_from_attrs(self.attrs, self.location)
         self.version = int(self.attrs["layout_version"])
-        names = (*ARRAYS, KEY_HASH, CLAIMS, *COORDINATION_DIMENSIONS)
+        names = (*ARRAYS, *DERIVED, CLAIMS, *COORDINATION_DIMENSIONS)
         found_docs = {}
         for name, data in zip(names, blobs.read_many([f"{name}/zarr.json" for name in names]), strict=True):
             doc = _doc(data, f"{self.location}/{name}/zarr.json")
@@ -177,7 +178,7 @@ class Layout:
         array, `key_hash`, a consolidated group document (see `featstore.store._zarr_meta`)."""
         return (
             self.version == LAYOUT_VERSION
-            and KEY_HASH in self.meta
+            and all(name in self.meta for name in DERIVED)
             and all(d.get("dimension_names") for d in self.documents().values())
             and self.consolidated
         )
@@ -709,9 +710,10 @@ class ZarrShardWriter:
         self.chunked = {n: r for n, r in self.layout.readers.items() if isinstance(r, ChunkedRows)}
         if len(self.chunked) != len(self.layout.readers) - 1:
             raise StoreError(f"{location}: this store's layout was not written by featstore; convert it first")
-        hashes = zarr_rows(self.layout.blobs, KEY_HASH, self.layout.meta.get(KEY_HASH), ())
-        if isinstance(hashes, ChunkedRows):  # absent until a metadata writer brings an old store current
-            self.chunked[KEY_HASH] = hashes
+        for name in DERIVED:  # absent until a metadata writer brings an old store current
+            reader = zarr_rows(self.layout.blobs, name, self.layout.meta.get(name), ())
+            if isinstance(reader, ChunkedRows):
+                self.chunked[name] = reader
         self.info = self.layout.info
         self.attrs = dict(self.layout.attrs)
         s = self.shard_rows = self.layout.shard_rows
@@ -830,8 +832,9 @@ class ZarrShardWriter:
             }
             if self.emb is not None:
                 objects[r[EMBEDDING].key(s)] = r[EMBEDDING].encode(self.emb[:k])
-            if KEY_HASH in r:
-                objects[r[KEY_HASH].key(s)] = r[KEY_HASH].encode(key_hashes(self.keys))
+            for name in DERIVED:
+                if name in r:
+                    objects[r[name].key(s)] = r[name].encode(self.keys if name == KEY else key_hashes(self.keys))
             self._own(s)
             self.blobs.write_many(objects)
             if not self._still_own(s):  # taken over meanwhile: the new owner rewrites it all
@@ -951,28 +954,33 @@ def _upgrade_layout1(layout: Layout) -> None:
 
 
 def bring_current(layout: Layout) -> None:
-    """Add, in place, what a layout-2 store written by an older featstore lacks: the
-    `key_hash` of every committed row (its chunks, then its document), dimension names on
-    every array, and last the group's document with `num_rows` and consolidated metadata.
+    """Add, in place, what a layout-2 store written by an older featstore lacks: `key` and
+    `key_hash` of every committed row (their chunks, then their documents), dimension names
+    on every array, and last the group's document with `num_rows` and consolidated metadata.
     Only the store's metadata writer calls this (the layout must have its commits loaded);
     rows and commit records stay as they are."""
     blobs, info = layout.blobs, layout.info
-    changed = set()
-    if KEY_HASH not in layout.meta:
-        doc = metadata_documents(layout.attrs, info, layout.shard_rows)[f"{KEY_HASH}/zarr.json"]
-        doc["shape"] = [layout.meta[KEYS]["shape"][0]]
-        hashes, keys = zarr_rows(blobs, KEY_HASH, doc, ()), layout.readers[KEYS]
-        if not isinstance(hashes, ChunkedRows) or not isinstance(keys, ChunkedRows):
+    missing = [name for name in DERIVED if name not in layout.meta]
+    if missing:
+        docs = metadata_documents(layout.attrs, info, layout.shard_rows)
+        writers = {name: zarr_rows(blobs, name, docs[f"{name}/zarr.json"], ()) for name in missing}
+        keys = layout.readers[KEYS]
+        if not isinstance(keys, ChunkedRows) or not all(isinstance(w, ChunkedRows) for w in writers.values()):
             raise StoreError(f"{layout.location}: this store's layout was not written by featstore; convert it first")
         ids = layout.shards.tolist()
         for i in range(0, len(ids), 256):  # a few hundred small objects per round trip
             part = ids[i : i + 256]
-            chunks = zip(part, keys.chunks(part), strict=True)
-            blobs.write_many({hashes.key(s): hashes.encode(key_hashes(str(v) for v in c.tolist())) for s, c in chunks})
-            for s in part:
+            objects = {}
+            for s, chunk in zip(part, keys.chunks(part), strict=True):
+                values = [str(v) for v in chunk.tolist()]
+                for name, w in writers.items():
+                    objects[w.key(s)] = w.encode(values if name == KEY else key_hashes(values))  # type: ignore[union-attr]
                 keys.forget(s)
-        layout.meta[KEY_HASH] = doc
-        changed.add(KEY_HASH)
+            blobs.write_many(objects)
+        for name in missing:  # documents after their chunks
+            layout.meta[name] = docs[f"{name}/zarr.json"]
+            layout.meta[name]["shape"] = [layout.meta[KEYS]["shape"][0]]
+    changed = set(missing)
     docs = layout.documents()
     changed.update(name for name, doc in docs.items() if with_dimension_names(name, doc, info))
     blobs.write_many({f"{name}/zarr.json": put_json(docs[name]) for name in sorted(changed)})

@@ -2,9 +2,11 @@
 their users expect (xarray, dask, zarr-python, TensorStore).
 
 - Every array names its dimensions (`dimension_names`, which xarray requires). The row
-  dimension is `keys`, so the 1-D `keys` array is its coordinate: `ds.sel(keys=[...])`.
-  The others: `channel`, `y`, `x` (and `layer` with several layers) for the features,
-  `hw` for the original sizes, `embedding_dim` for the pooled embedding.
+  dimension is `key`; the `key` array (the keys again, written with each shard) is its
+  coordinate: `ds.sel(key=[...])`. The others: `channel`, `y`, `x` (and `layer` with
+  several layers) for the features, `hw` for the original sizes, `embedding_dim` for the
+  pooled embedding. (`keys` stays the commit record; a coordinate of that name would
+  shadow `Mapping.keys` in xarray.)
 - `key_hash` (uint64, one per row) indexes rows by key for readers without Zarr's
   variable-length strings (TensorStore): the first 8 bytes of SHA-256 of the key's
   UTF-8, little-endian; 0 on rows without a key. It is written with each shard, before
@@ -27,12 +29,13 @@ from typing import Any
 import numpy as np
 
 from featstore.batches import EncodingInfo
-from featstore.store.base import EMBEDDING, FEATURES, KEYS, MASKS, ORIG_SIZE, ROWS, SOURCES
+from featstore.store.base import EMBEDDING, FEATURES, KEY, KEYS, MASKS, ORIG_SIZE, ROWS, SOURCES
 from featstore.store.base import dimension_names as row_dimensions
 
 KEY_HASH = "key_hash"
 CLAIMS = "claims"  # one chunk per shard: the writer that owns it (see ZarrShardWriter)
 STRING_ARRAYS = (KEYS, SOURCES)
+DERIVED = (KEY, KEY_HASH)  # arrays computed from the keys, absent in stores made before them
 
 # Coordination arrays of a distributed build (`featstore.store.plans`, `leases`).
 COORDINATION_DIMENSIONS = {"plans": ("plan",), "units": ("unit",), "leases": ("lease_unit", "lease_generation")}
@@ -85,7 +88,7 @@ def metadata_documents(attrs: dict[str, Any], info: EncodingInfo, shard_rows: in
     root.create_array(
         MASKS, shape=(0, g, g), dtype="uint8", chunks=(s, g, g), compressors=zstd, dimension_names=dims(MASKS)
     )
-    for name in STRING_ARRAYS:
+    for name in (*STRING_ARRAYS, KEY):
         root.create_array(
             name,
             shape=(0,),

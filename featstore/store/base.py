@@ -45,9 +45,11 @@ ORIG_SIZE = "orig_size_hw"
 EMBEDDING = "embedding"
 ARRAYS = (FEATURES, MASKS, KEYS, SOURCES, ORIG_SIZE, EMBEDDING)
 
-# Dimension names (Zarr's `dimension_names`, HDF5 dimension scales): rows are `keys`, so
-# the keys array is the coordinate of the row dimension for xarray and netCDF readers.
-ROWS = KEYS
+# Dimension names (Zarr's `dimension_names`, HDF5 dimension scales). The row dimension is
+# `key`, and a copy of the keys named like it (`KEY`, written with each shard) is its
+# coordinate for xarray and netCDF readers: a coordinate named `keys` would shadow
+# `Mapping.keys` on xarray objects (xarray's apply_ufunc, hence `astype`, fails on it).
+ROWS = KEY = "key"
 
 
 def dimension_names(name: str, info: EncodingInfo) -> tuple[str, ...] | None:
@@ -58,6 +60,7 @@ def dimension_names(name: str, info: EncodingInfo) -> tuple[str, ...] | None:
         FEATURES: (ROWS, *feature_dims),
         MASKS: (ROWS, *grid),
         KEYS: (ROWS,),
+        KEY: (ROWS,),
         SOURCES: (ROWS,),
         ORIG_SIZE: (ROWS, "hw"),
         EMBEDDING: (ROWS, "embedding_dim"),
