@@ -11,7 +11,10 @@ A store is a Zarr v3 group (`*.zarr`, local or on object storage) or an HDF5 fil
     embedding     (N, E)        float32             optional: the pooled embedding (E = embedding_dim)
 
 and attributes: `featstore_version`, `layout_version`, `created`, `failed` (a list of
-{key, reason}), `shard_rows`, `embedding_dim` and everything from `EncodingInfo.to_attrs()`.
+{key, reason}), `shard_rows`, `embedding_dim`, `num_rows` and everything from
+`EncodingInfo.to_attrs()`. For other tools, every array's dimensions are named
+(`dimension_names` below), and `key` (the keys again, the row dimension's coordinate) and,
+in Zarr, `key_hash` are written beside them (see `featstore.store._zarr_meta`).
 Which rows exist (are committed) is the backend's business: see `featstore.store`.
 """
 

@@ -15,8 +15,10 @@ Many processes (on many hosts) write one Zarr store at once, each a unit at a ti
    its row count and failures) and releases the lease. A unit with a record is finished.
 4. The process that finds every unit of the plan finished (and wins the finalize
    lease) is the store's metadata writer: it merges the failures of every unit into
-   the group's `failed` attribute, once each, and raises the arrays' shapes to the
-   rows (for zarr-python and TensorStore; featstore's readers use the commit records).
+   the group's `failed` attribute, once each, raises the arrays' shapes to the rows
+   and rewrites the group's consolidated metadata and `num_rows` (for zarr-python,
+   xarray and TensorStore; featstore's readers use the commit records). A store an older
+   featstore made gets its `key`, `key_hash` and dimension names here (`bring_current`).
 
 No process writes another's objects: a unit's shards belong to the unit's lease holder.
 A process that dies leaves its unit's committed shards (whole), its lease (taken over
