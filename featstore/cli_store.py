@@ -192,12 +192,16 @@ def preview(
 
 
 def upgrade(store: Annotated[str, typer.Argument(help=STORE_HELP)], storage_option: StorageOptions = None) -> None:
-    """Bring a Zarr store written by featstore 0.1 (layout 1) to the current layout, in place."""
+    """Bring a store written by an older featstore to the current layout and metadata, in place.
+
+    Zarr: layout 1 (featstore 0.1) to 2, dimension names, the key_hash index and
+    consolidated metadata; HDF5: dimension scales. Rows are kept as they are.
+    """
     from featstore.store import LAYOUT_VERSION, upgrade_store
 
     old = upgrade_store(_loc(store, storage_option))
     if old == LAYOUT_VERSION:
-        typer.echo(f"{store} already has layout {LAYOUT_VERSION}")
+        typer.echo(f"{store} has layout {LAYOUT_VERSION}; its metadata is current (dimension names, key index)")
     else:
         typer.echo(f"upgraded {store}: layout {old} -> {LAYOUT_VERSION}")
 

@@ -62,3 +62,13 @@ def test_distributed_benchmark_compares_the_three_paths(tmp_path: Path) -> None:
     coord = results["coordination"]["local"]
     assert coord["1"]["requests_per_unit"] > 0
     assert coord["8"]["requests_per_unit"] == coord["1"]["requests_per_unit"]  # the per-shard check makes none
+
+
+def test_ecosystem_benchmark_runs_every_path(tmp_path: Path) -> None:
+    out = tmp_path / "eco.json"
+    cmd = [sys.executable, "benchmarks/ecosystem.py", "--rows", "40", "--repeats", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert len(results) == 6 and all(r["rows_per_s"] > 0 for r in results.values())
+    assert results["featstore iter_batches"]["time_vs_featstore"] == 1

@@ -46,3 +46,40 @@ def test_quick_start_commands_and_reading_examples(tiny_models, tmp_path):
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("4 dinov2_patch_features ['landscape.jpg', 'renders/ring.png'")
     assert "labels [0, 1] ['renders/ring.png', 'renders/sphere_red.png']" in p.stdout
+
+
+def _blocks_of_section(heading: str, lang: str) -> list[str]:
+    start = README.index(heading)
+    end = README.find("\n## ", start)
+    return re.findall(rf"```{lang}\n(.*?)```", README[start:end], re.S)
+
+
+def test_reading_from_other_tools_snippets_run(tmp_path, s3_server):
+    """Every snippet of "Reading from other tools" runs as written, on a store with the quick
+    start's keys (written directly: no model needed); the xarray and datasets ones on S3 too."""
+    import os
+
+    from featstore.store import open_store_writer
+    from tests.store_helpers import make_batch, make_info
+
+    keys = ["landscape.jpg", "renders/ring.png", "renders/sphere_red.png", "renders/torus.png"]
+    info = make_info(embedding_dim=6)
+    url = s3_server.url(f"{tmp_path.name}-dino.zarr")
+    stores = [(tmp_path / "out" / "dino.zarr", {}), (tmp_path / "out" / "dino.h5", {}), (url, s3_server.options)]
+    for where, opts in stores:
+        with open_store_writer(where, info, overwrite=False, shard_rows=4, storage_options=opts) as w:
+            w.write(make_batch(keys, info=info))
+    blocks = _blocks_of_section("### Reading from other tools", "python")
+    assert len(blocks) == 5  # xarray, dask, TensorStore, HDF5, datasets
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    s3 = f"storage_options={s3_server.options!r}"
+    on_s3 = {
+        0: blocks[0].replace('xr.open_zarr("out/dino.zarr", chunks=None)', f'xr.open_zarr("{url}", chunks=None, {s3})'),
+        4: blocks[4].replace('to_hf_dataset("out/dino.zarr"', f'to_hf_dataset("{url}", {s3}'),
+    }
+    assert on_s3[0] != blocks[0] and on_s3[4].count(url) == 2
+    for i, code in [*enumerate(blocks), *on_s3.items()]:
+        p = subprocess.run(
+            [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300
+        )
+        assert p.returncode == 0, f"snippet {i}:\n{code}\n{p.stderr[-3000:]}"

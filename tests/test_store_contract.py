@@ -401,10 +401,10 @@ def test_zarr_writes_each_shard_object_once_commit_record_last(tmp_path: Path, m
         for k in KEYS[6:]:  # one row at a time
             w.write(make_batch([k]))
     chunks = [k for k in writes if "/c/" in k and not k.startswith("claims/")]
-    assert len(chunks) == len(set(chunks)) == 10  # 5 arrays x 2 shards (1: refilled, 2: new), each once
+    assert len(chunks) == len(set(chunks)) == 14  # 7 arrays x 2 shards (1: refilled, 2: new), each once
     for shard in (1, 2):
         mine = [k for k in chunks if k.split("/c/")[1].split("/")[0] == str(shard)]
-        assert mine[-1] == f"keys/c/{shard}" and len(mine) == 5
+        assert mine[-1] == f"keys/c/{shard}" and len(mine) == 7 and f"key_hash/c/{shard}" in mine
         assert writes.index(f"claims/c/{shard}") < writes.index(f"features/c/{shard}/0/0/0")  # owned first
     monkeypatch.undo()
     with open_store(path) as s:
@@ -432,7 +432,9 @@ def test_plain_zarr_and_tensorstore_read_the_store(where: str, tmp_path: Path, r
         group = zarr.open_group(FsspecStore.from_url(str(path), storage_options=write_opts, read_only=True), mode="r")
     else:
         group = zarr.open_group(path, mode="r")
-    assert sorted(group.array_keys()) == ["claims", "embedding", "features", "keys", "masks", "orig_size_hw", "sources"]
+    assert sorted(group.array_keys()) == [
+        *("claims", "embedding", "features", "key", "key_hash", "keys", "masks", "orig_size_hw", "sources")
+    ]
     assert group.attrs["layout_version"] == 2 and group.attrs["embedding_dim"] == 6
     assert [str(k) for k in group["keys"][:]] == KEYS
     for i, k in enumerate(KEYS):
@@ -487,7 +489,8 @@ def test_hdf5_file_layout(tmp_path: Path) -> None:
     path = tmp_path / "s.hdf5"
     write(path, [KEYS])
     with h5py.File(path, "r") as f:
-        assert set(f) == {"features", "masks", "keys", "sources", "orig_size_hw"}
+        # the rows, and the dimensions netCDF readers name (see _hdf5.attach_dimension_scales)
+        assert set(f) == {"features", "masks", "keys", "sources", "orig_size_hw", "key", "channel", "y", "x", "hw"}
         for name in f:  # contiguous: row i at a fixed offset (what the direct reader relies on)
             assert f[name].chunks is None and f[name].compression is None, name
         assert f["features"].id.get_offset() is not None

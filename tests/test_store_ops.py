@@ -160,7 +160,7 @@ def test_info(tmp_path: Path) -> None:
     d = info(store)
     assert d["num_rows"] == len(KEYS) and d["format"] == "zarr" and d["feature_shape"] == [C, G, G]
     assert d["arrays"]["features"]["shards"] == [4, C, G, G] and d["arrays"]["features"]["chunks"] == [1, C, G, G]
-    assert d["uncompressed_bytes"] == len(KEYS) * (C * G * G * 2 + G * G + 8)
+    assert d["uncompressed_bytes"] == len(KEYS) * (C * G * G * 2 + G * G + 8 + 8)  # + key_hash
     assert d["bytes_on_disk"] > 0 and d["file_count"] > 5 and d["compression_ratio"] > 0
     json.dumps(d)
 

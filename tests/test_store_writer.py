@@ -170,12 +170,13 @@ def test_sigkill_many_times(tmp_path: Path, suffix: str) -> None:
 
 def test_crash_while_creating_a_store_leaves_no_store(tmp_path: Path) -> None:
     """Arrays' metadata written, the group's zarr.json (the store's existence) not yet."""
-    from featstore.store._zarr import _metadata_documents, _put_json, new_attrs
+    from featstore.store._zarr import new_attrs
+    from featstore.store._zarr_meta import metadata_documents, put_json
 
     path = tmp_path / "s.zarr"
     info = make_info()
-    docs = _metadata_documents(new_attrs(info, "test", 4), info, 4)
-    blobs(path).write_many({k: _put_json(v) for k, v in docs.items() if k != "zarr.json"})
+    docs = metadata_documents(new_attrs(info, "test", 4), info, 4)
+    blobs(path).write_many({k: put_json(v) for k, v in docs.items() if k != "zarr.json"})
     with pytest.raises(Exception, match="no store at"):
         open_store(path)
     with open_store_writer(path, info, overwrite=False) as w:

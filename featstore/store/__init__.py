@@ -21,7 +21,8 @@ PUT can be conditional (`If-None-Match: *`), a prefix can be listed. No rename, 
 - The shard is the unit of writing and of commit. Shard `s` holds rows
   `s*shard_rows ...` of every array: one object per array (`features/c/s/0/0/0`, a
   sharded Zarr chunk; `masks/c/s/0/0`, `sources/c/s`, `orig_size_hw/c/s/0`,
-  `embedding/c/s/0`), each written whole, by the one writer that owns the shard.
+  `embedding/c/s/0`, and the keys again for other tools, `key/c/s` and `key_hash/c/s`),
+  each written whole, by the one writer that owns the shard.
 - The shard's `keys` chunk (`keys/c/s`) is written last and is its commit record: the
   rows of shard `s` that exist are those it names (up to the first empty key; keys are
   never empty). A reader lists `keys/c/`, reads those chunks, and sees exactly the
@@ -49,15 +50,17 @@ PUT can be conditional (`If-None-Match: *`), a prefix can be listed. No rename, 
   store's metadata writer: the build that creates the store writes the arrays' metadata
   and then the group's `zarr.json` by a conditional create (the store exists from that
   write on); afterwards the single-process build raises the arrays' shapes after each
-  commit (so that zarr-python and TensorStore see the rows too) and writes the
-  attributes (`failed`) when it closes. Readers never depend on the shapes.
+  commit (so that zarr-python, xarray and TensorStore see the rows too), then rewrites
+  the group's `zarr.json` with `num_rows` and the consolidated metadata (every array's
+  document: `featstore.store._zarr_meta`), and writes the attributes (`failed`) when it
+  closes. Readers never depend on the shapes; featstore never reads the consolidated copy.
 - Progress is recorded by shard, never by process. A distributed build (many
   processes, many nodes: `featstore.store.units`) cuts its sorted image list into a
   plan of units of whole shards (`featstore.store.plans`, kept in the `plans` array);
   each unit's shards are written by the holder of the unit's lease (`leases`, with an
   expiry and takeover, `featstore.store.leases`) exactly as above, a finished unit gets
   a record (`units`: its failures), and the process that sees every unit finished
-  writes the metadata (failures merged, shapes). Rows are ordered by shard, so gaps
+  writes the metadata (failures merged, shapes, consolidated). Rows are ordered by shard, so gaps
   between shards are allowed (plain Zarr readers see them as empty keys). A
   single-process writer never writes into a plan's shards: it starts after them.
 
@@ -189,10 +192,16 @@ def engine_order(engine: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def upgrade_store(where: str | os.PathLike[str] | Location, storage_options: Mapping[str, Any] | None = None) -> int:
-    """Bring a Zarr store to the current layout in place; returns the layout it had."""
+    """Bring a store to the current layout and metadata in place; returns the layout it had.
+
+    Zarr: layout 1 to 2, then what older stores lack (dimension names, `key_hash`,
+    consolidated metadata, `num_rows`). HDF5: dimension scales. Rows are not rewritten."""
     location = as_location(where, storage_options)
     if location.format != "zarr":
-        raise StoreError(f"{location}: only Zarr stores have layouts to upgrade")
+        from featstore.store._hdf5 import upgrade_hdf5
+
+        upgrade_hdf5(location)
+        return LAYOUT_VERSION
     from featstore.store._zarr import upgrade_store as run
 
     return run(location)[0]

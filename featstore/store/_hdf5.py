@@ -17,6 +17,12 @@ random rows/s; lzf saved nothing. Every array is contiguous (the file is written
 whole, so nothing needs to grow). Earlier files chunked the arrays (features one row
 per chunk): still read, through h5py. Attributes are stored as JSON strings (HDF5 attributes cannot hold
 nested dicts and lists of dicts), all of them, so reading is uniform.
+
+For netCDF readers (h5netcdf, xarray): every array's dimensions are HDF5 dimension
+scales named as in Zarr (`featstore.store.base.dimension_names`): `key` (a copy of the
+keys) is the scale of the row dimension, so the keys are its coordinate; the others are netCDF's
+"dimension without a variable" scales. Files written before have none (h5netcdf then
+shows `phony_dim_*`); `featstore upgrade FILE.h5` adds them.
 """
 
 from __future__ import annotations
@@ -35,12 +41,15 @@ from featstore.store.base import (
     ARRAYS,
     EMBEDDING,
     FEATURES,
+    KEY,
     KEYS,
     MASKS,
     ORIG_SIZE,
+    ROWS,
     SOURCES,
     FeatureStore,
     check_arrays,
+    dimension_names,
     step_rows,
 )
 from featstore.store.location import Location
@@ -68,9 +77,9 @@ class Hdf5FeatureStore(FeatureStore):
     """Reads an HDF5 store: by byte offset when `features` and `masks` are contiguous
     (engine "direct"), else with h5py (one `read_direct` per run of consecutive rows).
 
-    The file is opened without HDF5 file locking: featstore never writes a file that
-    can be open for reading (writers replace it by rename), and locking fails on some
-    network file systems.
+    The file is opened with the process's HDF5 file-locking setting (h5py's default,
+    `HDF5_USE_FILE_LOCKING`), so that h5py or h5netcdf can hold it open in the same
+    process, before or after featstore; see `open_hdf5`.
     """
 
     format = "hdf5"
@@ -79,10 +88,7 @@ class Hdf5FeatureStore(FeatureStore):
         import h5py
 
         path = location.path
-        try:
-            self._file = h5py.File(path, "r", locking=False)
-        except OSError as e:
-            raise CorruptStoreError(f"{path}: not an HDF5 file, or damaged ({e})") from None
+        self._file = open_hdf5(path)
         try:
             attrs = {str(k): json.loads(v) for k, v in self._file.attrs.items()}
         except (TypeError, ValueError) as e:
@@ -158,6 +164,41 @@ class Hdf5FeatureStore(FeatureStore):
             self._file.close()
 
 
+LOCKING_MISMATCH = "flag values don't match"  # also "file locking 'ignore disabled locks' flag ..."
+LOCK_FAILED = "unable to lock file"
+
+
+def open_hdf5(path: Path) -> Any:
+    """`path` as a read-only h5py file, beside any other opening of it in this process.
+
+    HDF5 shares one open file per process and refuses a second opening with other
+    file-locking flags ("file locking flag values don't match"). featstore first opens
+    with the process's default (what h5py and h5netcdf use unless told otherwise); if
+    the file is open with other flags, it uses those; if the file system cannot lock
+    (some network file systems) or a writer holds a lock, it opens without locking, as
+    it did always (featstore replaces files by rename, never writes one in place).
+    Errors: StoreError naming the cause and `HDF5_USE_FILE_LOCKING`; CorruptStoreError
+    only for a file that is not HDF5.
+    """
+    import h5py
+
+    from featstore.errors import StoreError
+
+    first = ""
+    for locking in (None, False, True, "best-effort"):
+        try:
+            return h5py.File(path, "r", locking=locking)
+        except OSError as e:
+            text = str(e)
+            if LOCKING_MISMATCH not in text and LOCK_FAILED not in text:
+                raise CorruptStoreError(f"{path}: not an HDF5 file, or damaged ({e})") from None
+            first = first or text  # open here with other flags, or no locks on this file system: try the next
+    raise StoreError(
+        f"{path}: HDF5 cannot open it beside the other opening of it in this process ({first}); "
+        "open both with the same file locking (h5py.File(..., locking=...)) or set HDF5_USE_FILE_LOCKING=FALSE"
+    )
+
+
 def write_hdf5(
     path: Path, attrs: dict[str, Any], info: EncodingInfo, batches: Iterable[EncodedBatch], rows: int
 ) -> int:
@@ -176,6 +217,7 @@ def write_hdf5(
             FEATURES: f.create_dataset(FEATURES, shape=(rows, *info.feature_shape()), dtype=info.dtype),
             MASKS: f.create_dataset(MASKS, shape=(rows, g, g), dtype="uint8"),
             KEYS: f.create_dataset(KEYS, shape=(rows,), dtype=text),
+            KEY: f.create_dataset(KEY, shape=(rows,), dtype=text),  # the row dimension's coordinate
             SOURCES: f.create_dataset(SOURCES, shape=(rows,), dtype=text),
             ORIG_SIZE: f.create_dataset(ORIG_SIZE, shape=(rows, 2), dtype="int32"),
         }
@@ -191,7 +233,7 @@ def write_hdf5(
             ds[FEATURES][rows_] = batch.features
             ds[MASKS][rows_] = batch.masks
             ds[ORIG_SIZE][rows_] = batch.orig_size_hw
-            ds[KEYS][rows_] = np.array([it.key for it in batch.items], dtype=object)
+            ds[KEYS][rows_] = ds[KEY][rows_] = np.array([it.key for it in batch.items], dtype=object)
             ds[SOURCES][rows_] = np.array([it.path for it in batch.items], dtype=object)
             if info.embedding_dim:
                 if batch.embedding is None:
@@ -200,9 +242,38 @@ def write_hdf5(
             n += k
         if n != rows:
             raise ValueError(f"write_hdf5: the batches held {n} rows, {rows} were announced")
+        attach_dimension_scales(f, info)
         for name, value in {**attrs, "num_rows": n}.items():
             f.attrs[name] = json.dumps(value)  # ASCII: safe for any key in "failed"
     return n
+
+
+NETCDF_DIMENSION = "This is a netCDF dimension but not a netCDF variable.%10d"  # netCDF-4's own marker
+
+
+def attach_dimension_scales(f: Any, info: EncodingInfo) -> None:
+    """Name every array's dimensions with HDF5 dimension scales, as netCDF-4 does: `key`
+    (a copy of `keys`, made here if missing) is the row dimension's scale, so a coordinate
+    for h5netcdf / xarray; the others are dimensions without a variable (small empty
+    datasets named like the dimension)."""
+    if KEY not in f:
+        f.create_dataset(KEY, data=f[KEYS][...], dtype=f[KEYS].dtype)
+    scales: dict[str, Any] = {ROWS: f[KEY]}
+    for name in ARRAYS:
+        dims = dimension_names(name, info)
+        if name not in f or dims is None:
+            continue
+        ds = f[name]
+        for axis, dim in enumerate(dims):
+            if dim not in scales:
+                size = ds.shape[axis]
+                scale = f[dim] if dim in f else f.create_dataset(dim, shape=(size,), dtype="float32")
+                scale.make_scale(NETCDF_DIMENSION % size)
+                scales[dim] = scale
+            if not scales[dim].is_scale:
+                scales[dim].make_scale(dim)
+            if scales[dim] != ds:  # `key` is its own scale
+                ds.dims[axis].attach_scale(scales[dim])
 
 
 class StoreLock:
@@ -270,6 +341,38 @@ class StoreLock:
             self.path.unlink(missing_ok=True)  # while still holding it; see acquire
             os.close(self.fd)
             self.fd = None
+
+
+def upgrade_hdf5(location: Location) -> bool:
+    """Give a file written before dimension scales its scales; False if it had them.
+
+    Like every HDF5 change, on a copy renamed over the file (a kill leaves the old file),
+    under the build lock (a build would replace the file meanwhile).
+    """
+    import os
+    import shutil
+
+    import h5py
+
+    path = location.path
+    lock = StoreLock(path)
+    lock.acquire()
+    try:
+        store = Hdf5FeatureStore(location)
+        try:
+            info, with_scales = store.info, len(store._ds[FEATURES].dims[0]) > 0
+        finally:
+            store.close()
+        if with_scales:
+            return False
+        tmp = Path(str(path) + TMP_SUFFIX)
+        shutil.copyfile(path, tmp)
+        with h5py.File(tmp, "r+") as f:
+            attach_dimension_scales(f, info)
+        os.replace(tmp, path)
+        return True
+    finally:
+        lock.release()
 
 
 TMP_SUFFIX = ".featstore-tmp"

@@ -27,6 +27,18 @@ from featstore.batches import EncodingInfo
 from featstore.errors import CorruptStoreError, StoreError, StoreLockedError
 from featstore.store._blobs import Blobs, LocalBlobs, RemoteBlobs, open_blobs
 from featstore.store._direct import ChunkedRows, ShardedRows, zarr_rows
+from featstore.store._zarr_meta import (
+    CLAIMS,
+    COORDINATION_DIMENSIONS,
+    DERIVED,
+    KEY,
+    STRING_ARRAYS,
+    group_document,
+    key_hashes,
+    metadata_documents,
+    put_json,
+    with_dimension_names,
+)
 from featstore.store.base import (
     ARRAYS,
     EMBEDDING,
@@ -46,8 +58,6 @@ from featstore.store.base import (
 from featstore.store.location import Location
 from featstore.store.plans import close_plans, plans_end
 
-STRING_ARRAYS = (KEYS, SOURCES)
-CLAIMS = "claims"  # one chunk per shard: the writer that owns it (see ZarrShardWriter)
 TS_CACHE_BYTES = 8 * 2**20
 
 
@@ -61,33 +71,6 @@ def default_shard_rows(info: EncodingInfo) -> int:
 
 # ---------------------------------------------------------------------------------------
 # metadata
-
-
-def _metadata_documents(attrs: dict[str, Any], info: EncodingInfo, shard_rows: int) -> dict[str, dict[str, Any]]:
-    """key -> zarr.json document of a new, empty store, as zarr-python itself writes them."""
-    import zarr
-    from zarr.codecs import BytesCodec, VLenUTF8Codec, ZstdCodec
-    from zarr.storage import MemoryStore
-
-    store = MemoryStore()
-    shape, g, s = tuple(info.feature_shape()), info.grid, shard_rows
-    root = zarr.open_group(store, mode="w", zarr_format=3, attributes=attrs)
-    root.create_array(
-        FEATURES, shape=(0, *shape), dtype=info.dtype, chunks=(1, *shape), shards=(s, *shape), compressors=None
-    )
-    root.create_array(MASKS, shape=(0, g, g), dtype="uint8", chunks=(s, g, g), compressors=ZstdCodec(level=3))
-    for name in STRING_ARRAYS:
-        root.create_array(
-            name, shape=(0,), dtype=str, chunks=(s,), serializer=VLenUTF8Codec(), compressors=ZstdCodec(level=3)
-        )
-    root.create_array(ORIG_SIZE, shape=(0, 2), dtype="int32", chunks=(s, 2), compressors=ZstdCodec(level=3))
-    root.create_array(CLAIMS, shape=(0,), dtype=str, chunks=(1,), serializer=VLenUTF8Codec(), compressors=None)
-    if info.embedding_dim:
-        e = info.embedding_dim
-        root.create_array(
-            EMBEDDING, shape=(0, e), dtype="float32", chunks=(s, e), serializer=BytesCodec(), compressors=None
-        )
-    return {k: json.loads(v.to_bytes()) for k, v in store._store_dict.items() if k.endswith("zarr.json")}
 
 
 def _doc(data: bytes | None, what: str) -> dict[str, Any] | None:
@@ -124,15 +107,19 @@ class Layout:
         if group.get("zarr_format") != 3 or group.get("node_type") != "group":
             raise CorruptStoreError(f"{self.location}: not a Zarr v3 group, or damaged")
         self.attrs: dict[str, Any] = dict(group.get("attributes") or {})
+        self.consolidated = "consolidated_metadata" in group
         self.info = info_from_attrs(self.attrs, self.location)
         self.version = int(self.attrs["layout_version"])
-        docs = blobs.read_many([f"{name}/zarr.json" for name in (*ARRAYS, CLAIMS)])
-        self.claims_meta = _doc(docs.pop(), f"{self.location}/{CLAIMS}/zarr.json")
-        self.meta: dict[str, dict[str, Any]] = {}
-        for name, data in zip(ARRAYS, docs, strict=True):
+        names = (*ARRAYS, *DERIVED, CLAIMS, *COORDINATION_DIMENSIONS)
+        found_docs = {}
+        for name, data in zip(names, blobs.read_many([f"{name}/zarr.json" for name in names]), strict=True):
             doc = _doc(data, f"{self.location}/{name}/zarr.json")
             if doc is not None and doc.get("node_type") == "array":
-                self.meta[name] = doc
+                found_docs[name] = doc
+        self.claims_meta = found_docs.pop(CLAIMS, None)
+        # The distributed build's arrays (featstore.store.units): only listed in the group's document here.
+        self.coordination = {n: found_docs.pop(n) for n in COORDINATION_DIMENSIONS if n in found_docs}
+        self.meta: dict[str, dict[str, Any]] = found_docs  # the row arrays (key_hash: absent in older stores)
         try:
             found = {n: (tuple(m["shape"]), _dtype_name(m)) for n, m in self.meta.items()}
         except (KeyError, TypeError) as e:
@@ -175,6 +162,26 @@ class Layout:
         """Row numbers in the arrays of these committed rows (sorted in, sorted out)."""
         pos = np.searchsorted(self.starts, indices, side="right") - 1
         return self.shards[pos] * self.shard_rows + (indices - self.starts[pos])
+
+    def documents(self) -> dict[str, dict[str, Any]]:
+        """Every array's zarr.json document as read (what the group's consolidated metadata holds)."""
+        claims = {CLAIMS: self.claims_meta} if self.claims_meta is not None else {}
+        return {**self.meta, **claims, **self.coordination}
+
+    def group_document(self) -> dict[str, Any]:
+        """The group's zarr.json for these attributes and documents (`num_rows`: needs the commits)."""
+        return group_document(self.attrs, self.documents(), num_rows=self.num_rows)
+
+    @property
+    def current(self) -> bool:
+        """Whether the metadata is as this featstore writes it: dimension names on every
+        array, `key_hash`, a consolidated group document (see `featstore.store._zarr_meta`)."""
+        return (
+            self.version == LAYOUT_VERSION
+            and all(name in self.meta for name in DERIVED)
+            and all(d.get("dimension_names") for d in self.documents().values())
+            and self.consolidated
+        )
 
     @property
     def extent(self) -> int:
@@ -356,18 +363,19 @@ class ZarrEngine(Engine):
 
 
 def zarr_group(location: Location, mode: str = "r") -> Any:
-    """The store as a zarr-python group (how zarr users open it too)."""
+    """The store as a zarr-python group, from the arrays' own metadata: featstore reads
+    what they say, never the consolidated copy (which an edit by another tool can leave behind)."""
     import zarr
 
     try:
         if location.is_local:
-            return zarr.open_group(location.url, mode=mode, zarr_format=3)  # type: ignore[arg-type]
+            return zarr.open_group(location.url, mode=mode, zarr_format=3, use_consolidated=False)  # type: ignore[arg-type]
         from zarr.storage import FsspecStore
 
         from featstore.store.location import fsspec_options
 
         store = FsspecStore.from_url(location.url, storage_options=fsspec_options(location), read_only=mode == "r")
-        return zarr.open_group(store, mode=mode, zarr_format=3)  # type: ignore[arg-type]
+        return zarr.open_group(store, mode=mode, zarr_format=3, use_consolidated=False)  # type: ignore[arg-type]
     except Exception as e:  # zarr's own errors (GroupNotFoundError, metadata validation)
         raise CorruptStoreError(f"{location}: not a Zarr v3 group, or damaged ({type(e).__name__}: {e})") from None
 
@@ -513,10 +521,6 @@ def new_attrs(info: EncodingInfo, featstore_version: str, shard_rows: int) -> di
     }
 
 
-def _put_json(doc: dict[str, Any]) -> bytes:
-    return json.dumps(doc, indent=2, ensure_ascii=False).encode("utf-8")
-
-
 def delete_store(blobs: Blobs) -> None:
     """Remove a store so that it never looks half-deleted: every shard's commit record (keys
     chunk) first, so readers see whole shards vanish; then the group's zarr.json (no store
@@ -537,9 +541,9 @@ def create_store(blobs: Blobs, attrs: dict[str, Any], info: EncodingInfo, shard_
     The arrays' metadata first, then the group's `zarr.json` by a conditional create:
     the store exists from that one write on.
     """
-    docs = _metadata_documents(attrs, info, shard_rows)
-    blobs.write_many({k: _put_json(v) for k, v in docs.items() if k != "zarr.json"})
-    return blobs.create("zarr.json", _put_json(docs["zarr.json"]))
+    docs = metadata_documents(attrs, info, shard_rows)
+    blobs.write_many({k: put_json(v) for k, v in docs.items() if k != "zarr.json"})
+    return blobs.create("zarr.json", put_json(docs["zarr.json"]))
 
 
 def _running_here(claim: str) -> int | None:
@@ -664,6 +668,8 @@ class ZarrShardWriter:
         self.blobs, self.layout = open_for_writing(
             location, info, version=version, overwrite=overwrite, shard_rows=shard_rows, guarded=guarded
         )
+        if self.layout.version == LAYOUT_VERSION and not self.layout.current:
+            bring_current(self.layout)  # this writer is the store's metadata writer
         self._setup()
         self.committed_keys: list[str] = self._read_keys()
         self.extent = self.layout.extent
@@ -704,6 +710,10 @@ class ZarrShardWriter:
         self.chunked = {n: r for n, r in self.layout.readers.items() if isinstance(r, ChunkedRows)}
         if len(self.chunked) != len(self.layout.readers) - 1:
             raise StoreError(f"{location}: this store's layout was not written by featstore; convert it first")
+        for name in DERIVED:  # absent until a metadata writer brings an old store current
+            reader = zarr_rows(self.layout.blobs, name, self.layout.meta.get(name), ())
+            if isinstance(reader, ChunkedRows):
+                self.chunked[name] = reader
         self.info = self.layout.info
         self.attrs = dict(self.layout.attrs)
         s = self.shard_rows = self.layout.shard_rows
@@ -724,9 +734,9 @@ class ZarrShardWriter:
 
         meta = self.layout.claims_meta
         if meta is None:  # a store upgraded from layout 1: the claims array comes now
-            docs = _metadata_documents(self.attrs, self.info, self.shard_rows)
+            docs = metadata_documents(self.attrs, self.info, self.shard_rows)
             meta = docs[f"{CLAIMS}/zarr.json"]
-            self.blobs.write_many({f"{CLAIMS}/zarr.json": _put_json(meta)})
+            self.blobs.write_many({f"{CLAIMS}/zarr.json": put_json(meta)})
         self.claims_meta = meta
         reader = zarr_rows(self.blobs, CLAIMS, meta, ())
         if not isinstance(reader, ChunkedRows):
@@ -822,6 +832,9 @@ class ZarrShardWriter:
             }
             if self.emb is not None:
                 objects[r[EMBEDDING].key(s)] = r[EMBEDDING].encode(self.emb[:k])
+            for name in DERIVED:
+                if name in r:
+                    objects[r[name].key(s)] = r[name].encode(self.keys if name == KEY else key_hashes(self.keys))
             self._own(s)
             self.blobs.write_many(objects)
             if not self._still_own(s):  # taken over meanwhile: the new owner rewrites it all
@@ -861,12 +874,18 @@ class ZarrShardWriter:
         for name, meta in self.layout.meta.items():
             if meta["shape"][0] != self.extent:
                 meta["shape"] = [self.extent, *meta["shape"][1:]]
-                docs[f"{name}/zarr.json"] = _put_json(meta)
+                docs[f"{name}/zarr.json"] = put_json(meta)
         shards = math.ceil(self.extent / self.shard_rows)
         if self.claims_meta["shape"][0] < shards:
             self.claims_meta["shape"] = [shards]
-            docs[f"{CLAIMS}/zarr.json"] = _put_json(self.claims_meta)
+            docs[f"{CLAIMS}/zarr.json"] = put_json(self.claims_meta)
         self.blobs.write_many(docs)
+        self._write_group()  # after the arrays' documents: never ahead of them
+
+    def _write_group(self) -> None:
+        """The group's zarr.json: attributes, `num_rows` and the consolidated metadata."""
+        docs = {**self.layout.documents(), CLAIMS: self.claims_meta}
+        self.blobs.write_many({"zarr.json": put_json(group_document(self.attrs, docs, num_rows=self.committed))})
 
     def commit(self, attrs: dict[str, Any]) -> None:
         """Commit the open (partial) shard if it has new rows, then write these group attributes."""
@@ -874,9 +893,7 @@ class ZarrShardWriter:
             self._commit_shard()
         if attrs:
             self.attrs.update(attrs)
-            group = _doc(self.blobs.read("zarr.json"), "zarr.json") or {"zarr_format": 3, "node_type": "group"}
-            group["attributes"] = self.attrs
-            self.blobs.write_many({"zarr.json": _put_json(group)})
+            self._write_group()
 
     def close(self) -> None:
         """Release this writer's claims (those still its own), so that the next build finds
@@ -891,38 +908,84 @@ class ZarrShardWriter:
 
 
 def upgrade_store(location: Location) -> tuple[int, int]:
-    """Turn a layout-1 store (featstore 0.1) into layout 2 in place; (old, new) layout versions.
+    """Bring a store to the current layout and metadata in place; (old, new) layout versions.
 
-    Data objects stay; only commit records change: the last shard's keys chunk is cut to
-    the committed rows, keys chunks beyond them are deleted, and then the attributes say
-    layout 2 (the switch: a single write). Shapes are set to the committed rows last.
+    Layout 1 (featstore 0.1) to 2: data objects stay; only commit records change: the
+    last shard's keys chunk is cut to the committed rows, keys chunks beyond them are
+    deleted, and then the attributes say layout 2 (the switch: a single write). Shapes are
+    set to the committed rows last. Then `bring_current` adds what older stores lack.
+    Refused while a build writes the store (metadata has one writer).
     """
     blobs = open_blobs(location)
     try:
+        if (pid := live_writer(blobs)) is not None:
+            raise StoreLockedError(f"{location} is being written by a featstore build (pid {pid}); upgrade it after")
         layout = Layout(blobs)
-        if layout.version == LAYOUT_VERSION:
-            return LAYOUT_VERSION, LAYOUT_VERSION
-        keys = layout.readers[KEYS]
-        if not isinstance(keys, ChunkedRows) or keys.chunk_rows != layout.shard_rows:
-            raise StoreError(f"{location}: keys are not chunked a shard at a time; use `featstore convert` instead")
-        s, n = layout.shard_rows, layout.num_rows
-        last = math.ceil(n / s)
-        if n % s:
-            (chunk,) = keys.chunks([last - 1])
-            blobs.write_many({keys.key(last - 1): keys.encode([str(v) for v in chunk[: n % s].tolist()])})
-        blobs.delete_many(k for k in blobs.list(f"{KEYS}/c") if _chunk_ids([k]) and _chunk_ids([k])[0] >= last)
-        attrs = dict(layout.attrs)
-        attrs.pop("num_rows", None)
-        attrs.update(layout_version=LAYOUT_VERSION, shard_rows=s, embedding_dim=layout.info.embedding_dim)
-        blobs.write_many({"zarr.json": _put_json({"zarr_format": 3, "node_type": "group", "attributes": attrs})})
-        docs = {}
-        for name, meta in layout.meta.items():
-            meta["shape"] = [n, *meta["shape"][1:]]
-            docs[f"{name}/zarr.json"] = _put_json(meta)
-        blobs.write_many(docs)
-        return layout.version, LAYOUT_VERSION
+        old = layout.version
+        if old != LAYOUT_VERSION:
+            _upgrade_layout1(layout)
+            layout = Layout(blobs)
+        bring_current(layout)  # also re-consolidates a store another tool edited
+        return old, LAYOUT_VERSION
     finally:
         blobs.close()
+
+
+def _upgrade_layout1(layout: Layout) -> None:
+    blobs, location = layout.blobs, layout.location
+    keys = layout.readers[KEYS]
+    if not isinstance(keys, ChunkedRows) or keys.chunk_rows != layout.shard_rows:
+        raise StoreError(f"{location}: keys are not chunked a shard at a time; use `featstore convert` instead")
+    s, n = layout.shard_rows, layout.num_rows
+    last = math.ceil(n / s)
+    if n % s:
+        (chunk,) = keys.chunks([last - 1])
+        blobs.write_many({keys.key(last - 1): keys.encode([str(v) for v in chunk[: n % s].tolist()])})
+    blobs.delete_many(k for k in blobs.list(f"{KEYS}/c") if _chunk_ids([k]) and _chunk_ids([k])[0] >= last)
+    attrs = dict(layout.attrs)
+    attrs.pop("num_rows", None)
+    attrs.update(layout_version=LAYOUT_VERSION, shard_rows=s, embedding_dim=layout.info.embedding_dim)
+    blobs.write_many({"zarr.json": put_json({"zarr_format": 3, "node_type": "group", "attributes": attrs})})
+    docs = {}
+    for name, meta in layout.meta.items():
+        meta["shape"] = [n, *meta["shape"][1:]]
+        docs[f"{name}/zarr.json"] = put_json(meta)
+    blobs.write_many(docs)
+
+
+def bring_current(layout: Layout) -> None:
+    """Add, in place, what a layout-2 store written by an older featstore lacks: `key` and
+    `key_hash` of every committed row (their chunks, then their documents), dimension names
+    on every array, and last the group's document with `num_rows` and consolidated metadata.
+    Only the store's metadata writer calls this (the layout must have its commits loaded);
+    rows and commit records stay as they are."""
+    blobs, info = layout.blobs, layout.info
+    missing = [name for name in DERIVED if name not in layout.meta]
+    if missing:
+        docs = metadata_documents(layout.attrs, info, layout.shard_rows)
+        writers = {name: zarr_rows(blobs, name, docs[f"{name}/zarr.json"], ()) for name in missing}
+        keys = layout.readers[KEYS]
+        if not isinstance(keys, ChunkedRows) or not all(isinstance(w, ChunkedRows) for w in writers.values()):
+            raise StoreError(f"{layout.location}: this store's layout was not written by featstore; convert it first")
+        ids = layout.shards.tolist()
+        for i in range(0, len(ids), 256):  # a few hundred small objects per round trip
+            part = ids[i : i + 256]
+            objects = {}
+            for s, chunk in zip(part, keys.chunks(part), strict=True):
+                values = [str(v) for v in chunk.tolist()]
+                for name, w in writers.items():
+                    objects[w.key(s)] = w.encode(values if name == KEY else key_hashes(values))  # type: ignore[union-attr]
+                keys.forget(s)
+            blobs.write_many(objects)
+        for name in missing:  # documents after their chunks
+            layout.meta[name] = docs[f"{name}/zarr.json"]
+            layout.meta[name]["shape"] = [layout.meta[KEYS]["shape"][0]]
+    changed = set(missing)
+    docs = layout.documents()
+    changed.update(name for name, doc in docs.items() if with_dimension_names(name, doc, info))
+    blobs.write_many({f"{name}/zarr.json": put_json(docs[name]) for name in sorted(changed)})
+    blobs.write_many({"zarr.json": put_json(layout.group_document())})
+    layout.consolidated = True
 
 
 class ZarrSink(ZarrShardWriter):

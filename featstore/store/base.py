@@ -11,7 +11,10 @@ A store is a Zarr v3 group (`*.zarr`, local or on object storage) or an HDF5 fil
     embedding     (N, E)        float32             optional: the pooled embedding (E = embedding_dim)
 
 and attributes: `featstore_version`, `layout_version`, `created`, `failed` (a list of
-{key, reason}), `shard_rows`, `embedding_dim` and everything from `EncodingInfo.to_attrs()`.
+{key, reason}), `shard_rows`, `embedding_dim`, `num_rows` and everything from
+`EncodingInfo.to_attrs()`. For other tools, every array's dimensions are named
+(`dimension_names` below), and `key` (the keys again, the row dimension's coordinate) and,
+in Zarr, `key_hash` are written beside them (see `featstore.store._zarr_meta`).
 Which rows exist (are committed) is the backend's business: see `featstore.store`.
 """
 
@@ -45,6 +48,29 @@ SOURCES = "sources"
 ORIG_SIZE = "orig_size_hw"
 EMBEDDING = "embedding"
 ARRAYS = (FEATURES, MASKS, KEYS, SOURCES, ORIG_SIZE, EMBEDDING)
+
+# Dimension names (Zarr's `dimension_names`, HDF5 dimension scales). The row dimension is
+# `key`, and a copy of the keys named like it (`KEY`, written with each shard) is its
+# coordinate for xarray and netCDF readers: a coordinate named `keys` would shadow
+# `Mapping.keys` on xarray objects (xarray's apply_ufunc, hence `astype`, fails on it).
+ROWS = KEY = "key"
+
+
+def dimension_names(name: str, info: EncodingInfo) -> tuple[str, ...] | None:
+    """The dimensions of one of the layout's row arrays (None: not one of them)."""
+    grid = ("y", "x")
+    feature_dims = ("layer", "channel", *grid) if len(info.feature_shape()) == 4 else ("channel", *grid)
+    dims = {
+        FEATURES: (ROWS, *feature_dims),
+        MASKS: (ROWS, *grid),
+        KEYS: (ROWS,),
+        KEY: (ROWS,),
+        SOURCES: (ROWS,),
+        ORIG_SIZE: (ROWS, "hw"),
+        EMBEDDING: (ROWS, "embedding_dim"),
+    }
+    return dims.get(name)
+
 
 STORE_ATTRS = ("featstore_version", "layout_version", "created", "failed")
 INFO_ATTRS = ("model", "model_source", "family", "feature_type", "size", "grid", "hidden_dim", "dtype")

@@ -15,8 +15,10 @@ Many processes (on many hosts) write one Zarr store at once, each a unit at a ti
    its row count and failures) and releases the lease. A unit with a record is finished.
 4. The process that finds every unit of the plan finished (and wins the finalize
    lease) is the store's metadata writer: it merges the failures of every unit into
-   the group's `failed` attribute, once each, and raises the arrays' shapes to the
-   rows (for zarr-python and TensorStore; featstore's readers use the commit records).
+   the group's `failed` attribute, once each, raises the arrays' shapes to the rows
+   and rewrites the group's consolidated metadata and `num_rows` (for zarr-python,
+   xarray and TensorStore; featstore's readers use the commit records). A store an older
+   featstore made gets its `key`, `key_hash` and dimension names here (`bring_current`).
 
 No process writes another's objects: a unit's shards belong to the unit's lease holder.
 A process that dies leaves its unit's committed shards (whole), its lease (taken over
@@ -42,9 +44,10 @@ from featstore.store._zarr import (
     ZarrShardWriter,
     _committed,
     _doc,
-    _put_json,
+    bring_current,
     open_for_writing,
 )
+from featstore.store._zarr_meta import COORDINATION_DIMENSIONS, put_json
 from featstore.store.base import failures_from_attrs
 from featstore.store.leases import LEASES, Leases
 from featstore.store.location import Location
@@ -75,9 +78,23 @@ def _coordination_documents() -> dict[str, dict[str, Any]]:
     root = zarr.open_group(store, mode="w", zarr_format=3)
     for name in (PLANS, UNITS):
         root.create_array(
-            name, shape=(0,), dtype=str, chunks=(1,), serializer=VLenUTF8Codec(), compressors=ZstdCodec(level=3)
+            name,
+            shape=(0,),
+            dtype=str,
+            chunks=(1,),
+            serializer=VLenUTF8Codec(),
+            compressors=ZstdCodec(level=3),
+            dimension_names=COORDINATION_DIMENSIONS[name],
         )
-    root.create_array(LEASES, shape=(0, 0), dtype=str, chunks=(1, 1), serializer=VLenUTF8Codec(), compressors=None)
+    root.create_array(
+        LEASES,
+        shape=(0, 0),
+        dtype=str,
+        chunks=(1, 1),
+        serializer=VLenUTF8Codec(),
+        compressors=None,
+        dimension_names=COORDINATION_DIMENSIONS[LEASES],
+    )
     return {k: json.loads(v.to_bytes()) for k, v in store._store_dict.items() if k.endswith("/zarr.json")}
 
 
@@ -113,7 +130,7 @@ class UnitStore:
         self.shard_rows = layout.shard_rows
         missing = {k: v for k, v in _coordination_documents().items() if self.blobs.read(k) is None}
         if missing:  # identical documents, whoever writes them
-            self.blobs.write_many({k: _put_json(v) for k, v in missing.items()})
+            self.blobs.write_many({k: put_json(v) for k, v in missing.items()})
         self.leases = Leases(self.blobs)
 
     @classmethod
@@ -259,35 +276,33 @@ class UnitStore:
             for f in new:
                 merged.pop(f.key, None)
                 merged[f.key] = f.reason
-            self._raise_shapes()
+            layout = self._raise_shapes()
             if isinstance(self.blobs, LocalBlobs):
                 self.blobs.remove_partials("")  # every unit is committed: these are killed writers'
             stale = [k for k in self.blobs.list(f"{LEASES}/c") if not k.startswith(f"{LEASES}/c/{FINALIZE}/")]
             self.blobs.delete_many(stale)
             attrs["failed"] = [{"key": k, "reason": r} for k, r in merged.items()]
             attrs["plan"] = plan.index
-            group["attributes"] = attrs
-            self.blobs.write_many({"zarr.json": _put_json(group)})
+            layout.attrs = attrs
+            if not layout.current:  # a store an older featstore made: its key_hash and dimension names
+                bring_current(layout)
+            else:  # after the arrays' documents: the consolidated metadata, `num_rows`, the attributes
+                self.blobs.write_many({"zarr.json": put_json(layout.group_document())})
         finally:
             self.leases.release(FINALIZE)
         return True
 
-    def _raise_shapes(self) -> None:
-        from featstore.store._zarr import _chunk_ids
-
-        ids = _chunk_ids(self.blobs.list(f"{KEYS}/c"))
-        if not ids:
-            return
-        last = max(ids)
-        reader = self.layout.readers[KEYS]
-        key = reader.key(last)  # type: ignore[union-attr]
-        extent = last * self.shard_rows + _committed(reader.decode(self.blobs.read(key), key))  # type: ignore[union-attr]
+    def _raise_shapes(self) -> Layout:
+        """Raise the arrays' shapes to the committed rows; the store's layout as it is then
+        (fresh metadata, every commit read)."""
+        layout = Layout(self.blobs)
         docs = {}
-        for name, meta in Layout(self.blobs, commits=False).meta.items():  # fresh metadata
-            if meta["shape"][0] < extent:
-                meta["shape"] = [extent, *meta["shape"][1:]]
-                docs[f"{name}/zarr.json"] = _put_json(meta)
+        for name, meta in layout.meta.items():
+            if meta["shape"][0] < layout.extent:
+                meta["shape"] = [layout.extent, *meta["shape"][1:]]
+                docs[f"{name}/zarr.json"] = put_json(meta)
         self.blobs.write_many(docs)
+        return layout
 
     def close(self) -> None:
         self.leases.release_all()
