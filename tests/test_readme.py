@@ -22,7 +22,7 @@ def test_top_level_is_the_documented_layout():
     if not tracked:  # not a git checkout (an unpacked archive): nothing to compare
         return
     top = {p.split("/")[0] for p in tracked if not p.startswith(".")}
-    assert top == {"featstore", "cli", "tests", "benchmarks", "pyproject.toml", "README.md"}
+    assert top == {"featstore", "cli", "tests", "benchmarks", "pyproject.toml", "uv.lock", "README.md"}
 
 
 def test_quick_start_commands_and_reading_examples(tiny_models, tmp_path):
