@@ -18,7 +18,8 @@ from featstore.errors import BuildInterrupted, FeatstoreError
 
 app = typer.Typer(
     name="featstore",
-    help="Encode folders of images into CLIP / DINOv2 patch-feature maps (Zarr, HDF5 or per-image .npy).",
+    help="Encode folders of images into patch-feature maps of CLIP (OpenAI and LAION), DINOv2, DINOv3 and "
+    "SigLIP / SigLIP2 (Zarr, HDF5 or per-image .npy).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -321,6 +322,33 @@ def models() -> None:
         typer.echo(line.rstrip())
 
 
+@app.command()
+def prefetch(
+    model: Annotated[str, typer.Argument(help="Registered name, preset (trellis, trellis2) or Hugging Face repo id.")],
+    to: Annotated[
+        Path | None,
+        typer.Option("--to", help="Download into this folder (then build with --model DIR) instead of the HF cache."),
+    ] = None,
+) -> None:
+    """Download exactly what a build of MODEL reads (config, preprocessor config, safetensors weights),
+    on a machine with internet; builds then need no network (see "Offline and clusters" in the README)."""
+    from featstore.prefetch import prefetch as run
+
+    done = run(model, to=to)
+    where = str(done.folder) if done.cache is None else f"the Hugging Face cache ({done.cache})"
+    typer.echo(
+        f"fetched {done.repo} at revision {done.revision[:12]} into {where}: {', '.join(done.files)} "
+        f"({done.bytes / 1e6:.1f} MB)"
+    )
+    if done.cache is None:
+        typer.echo(f"build with: featstore build --model {done.folder} ...")
+    else:
+        typer.echo(
+            f"builds on a machine that reads this cache find it with no network: "
+            f"HF_HUB_OFFLINE=1 featstore build --model {model} ..."
+        )
+
+
 try:  # the store commands live beside the store code
     from featstore.cli_store import register as _register_store_commands
 except ImportError:  # pragma: no cover - only while the store module is absent
@@ -329,20 +357,42 @@ else:
     _register_store_commands(app)
 
 
+# click's exceptions, wherever this typer takes click from (recent typers carry their own copy)
+_clickx: Any = sys.modules[typer.BadParameter.__module__]
+
+
+def usage_line(e: Any) -> str:
+    """A usage error as one line and a hint, instead of click's usage box."""
+    message = " ".join(e.format_message().split()).rstrip(".")
+    command = e.ctx.command_path if e.ctx is not None else "featstore"
+    return f"{message[:1].lower()}{message[1:]} (`{command} --help` lists the options)"
+
+
 def main(argv: list[str] | None = None, *, encoder: Any = None) -> None:
     """The `featstore` command. `encoder` stands in for the model in `build` (tests use a fake)."""
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
-        app(args=argv, prog_name="featstore", obj={"encoder": encoder})
+        # not standalone: click's errors come here, to be printed as featstore's one-line errors
+        code = app(args=argv, prog_name="featstore", obj={"encoder": encoder}, standalone_mode=False)
+    except _clickx.NoArgsIsHelpError as e:
+        e.show()  # `featstore` alone, or a command group without a command: its help
+        sys.exit(2)
+    except _clickx.UsageError as e:
+        typer.echo(f"featstore: error: {usage_line(e)}", err=True)
+        sys.exit(e.exit_code)
+    except _clickx.ClickException as e:
+        typer.echo(f"featstore: error: {' '.join(e.format_message().split())}", err=True)
+        sys.exit(e.exit_code)
+    except typer.Abort:  # end of input at a prompt
+        typer.echo("featstore: interrupted", err=True)
+        sys.exit(1)
     except BuildInterrupted as e:
         typer.echo(f"featstore: {e}", err=True)
         sys.exit(e.exit_code)
     except FeatstoreError as e:
         typer.echo(f"featstore: error: {e}", err=True)
         sys.exit(e.exit_code)
-    except SystemExit as e:
-        # Ctrl-C before `build` handles signals itself (while torch imports, say): typer
-        # turns the KeyboardInterrupt into a silent exit 130.
-        if isinstance(getattr(e.__context__, "__cause__", None), KeyboardInterrupt):
-            typer.echo("featstore: interrupted", err=True)
-        raise
+    if code == 130:  # Ctrl-C before `build` handles signals itself (while torch imports, say)
+        typer.echo("featstore: interrupted", err=True)
+    if isinstance(code, int) and code:
+        sys.exit(code)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from featstore.errors import ConfigError, ModelError, ModelNotFoundError
+from featstore.fingerprint import CONTENT_KEY, folder_fingerprint, weight_files
 from featstore.models import (
     REGISTRY,
     ModelSpec,
@@ -61,18 +62,88 @@ def _not_found(name: str, target: str, reason: str, spec: ModelSpec | None = Non
     if spec is not None and spec.gated:
         return ModelNotFoundError(
             f"cannot load model {name!r} ({target}): {reason}. Its weights are gated on the hub: accept the "
-            f"licence at https://huggingface.co/{spec.source}, download them once (`hf download {spec.source} "
-            f"--local-dir DIR`) and pass that folder to --model"
+            f"licence at https://huggingface.co/{spec.source}, log in (`hf auth login`), run `featstore prefetch "
+            f"{spec.source} --to DIR` and pass that folder to --model"
         )
+    prefetch = f"`featstore prefetch {name}`"
     if _offline():
-        hint = " (HF_HUB_OFFLINE is set: only the local Hugging Face cache is searched)"
+        hint = (
+            f"HF_HUB_OFFLINE is set, so only the local Hugging Face cache ({_hub_cache()}) was searched: run "
+            f"{prefetch} on a machine with internet (into that cache, or with --to DIR, then --model DIR)"
+        )
     else:
-        hint = ", or download it once and set HF_HUB_OFFLINE=1"
+        hint = (
+            f"HF_HUB_OFFLINE is not set (the hub was asked). Without internet here, run {prefetch} on a machine "
+            "with internet, then build with HF_HUB_OFFLINE=1 (or --to DIR, then --model DIR)"
+        )
     close = "" if spec is not None else _did_you_mean(name)
-    return ModelNotFoundError(
-        f"cannot load model {name!r} ({target}): {reason}.{close} Use a local copy: pass a folder made by "
-        f"save_pretrained or a .pt checkpoint to --model{hint}"
-    )
+    return ModelNotFoundError(f"cannot load model {name!r} ({target}): {reason}.{close} {hint}")
+
+
+def _hub_cache() -> str:
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.HF_HUB_CACHE)
+    except Exception:  # an old or broken huggingface_hub: its default
+        return "~/.cache/huggingface/hub"
+
+
+def hub_snapshot(repo: str) -> Path | None:
+    """The Hugging Face cache's snapshot folder of `repo` (its refs/main) when it holds all
+    that a build reads (config.json and every weight file), else None. Reads the local
+    cache only: a build that finds its model here makes no hub request at all, whether
+    or not HF_HUB_OFFLINE is set (a prefetched model, on a node without internet)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo, "config.json")
+    except Exception:  # not a valid repo id, no huggingface_hub cache: not cached
+        return None
+    if not isinstance(cached, str):
+        return None
+    folder = Path(cached).parent
+    files = weight_files(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():  # sharded: every shard the index names must be there
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError):
+            return None
+        if not shards or not all((folder / s).is_file() for s in shards):
+            return None
+    return folder if files else None
+
+
+def _looks_like_path(name: str) -> bool:
+    """`./x`, `../x`, `/x`, `~/x`, a checkpoint file name, or `a/b` where `a` exists here:
+    a path, never a hub id (a missing one is refused at once, without asking the hub)."""
+    if name.startswith(("./", "../", "/", "~", ".\\")) or name in (".", ".."):
+        return True
+    if "/" not in name:
+        return False
+    if name.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        return True
+    return os.path.lexists(name.split("/", 1)[0])
+
+
+def _missing_path(name: str) -> ModelNotFoundError:
+    """`model path ... does not exist`, naming the nearest folder that does and close names in it."""
+    import difflib
+
+    path = Path(os.path.abspath(Path(name).expanduser()))
+    near = path.parent
+    while not near.is_dir() and near != near.parent:
+        near = near.parent
+    missing = path.relative_to(near).parts[0]
+    try:
+        entries = sorted(p.name for p in near.iterdir())
+    except OSError:
+        entries = []
+    close = difflib.get_close_matches(missing, entries, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(str(near / c)) for c in close)}?" if close else ""
+    why = "" if name.startswith(("./", "../", "/", "~")) else f" ({name.split('/', 1)[0]} exists here, so it is a path)"
+    return ModelNotFoundError(f"model path {name!r} does not exist{why}: no {missing!r} in {near}{hint}")
 
 
 def _did_you_mean(name: str) -> str:
@@ -129,8 +200,8 @@ def _resolve(name: str) -> tuple[ModelSpec, str]:
         spec = spec_from_hf_config(name, str(path.resolve()), json.loads(cfg_file.read_text()))
         processor = _processor_config(spec.source, "local")
         return (with_preprocessor_config(spec, processor) if processor else spec), "local"
-    if os.sep in name and (name.startswith((".", "/", "~")) or name.endswith((".pt", ".pth", ".bin"))):
-        raise ModelNotFoundError(f"model path {name!r} does not exist")
+    if _looks_like_path(name):
+        raise _missing_path(name)
     if "naflex" in name.lower():
         raise naflex_refusal(name)
     registered = lookup(name)
@@ -141,12 +212,16 @@ def _resolve(name: str) -> tuple[ModelSpec, str]:
     else:
         from transformers import AutoConfig
 
-        _quiet_transformers()
-        try:
-            with _quiet_hub():
-                cfg = AutoConfig.from_pretrained(name, trust_remote_code=False).to_dict()
-        except Exception as e:  # hub errors come in many types; all mean "cannot get it"
-            raise _not_found(name, "Hugging Face hub", str(e)) from None
+        snapshot = hub_snapshot(name)
+        if snapshot is not None:  # cached: no hub request
+            cfg = json.loads((snapshot / "config.json").read_text())
+        else:
+            _quiet_transformers()
+            try:
+                with _quiet_hub():
+                    cfg = AutoConfig.from_pretrained(name, trust_remote_code=False).to_dict()
+            except Exception as e:  # hub errors come in many types; all mean "cannot get it"
+                raise _not_found(name, "Hugging Face hub", str(e)) from None
         spec = spec_from_hf_config(name, name, cfg)
     if not spec.preset:
         processor = _processor_config(spec.source, "hf")
@@ -206,11 +281,13 @@ def load_model(
     spec, kind = resolve_spec(name, preset=preset)
     spec.out_dim(clip_output)  # refuses --clip-output projected for families without it, before loading
     cls = spec.adapter.model_class(spec)
+    # a hub model already in the cache loads from its snapshot folder: no hub request
+    snapshot = hub_snapshot(spec.source) if kind == "hf" else None
     _quiet_transformers()
     try:
         with _quiet_hub():
             module, info = cls.from_pretrained(
-                spec.source,
+                str(snapshot) if snapshot is not None else spec.source,
                 dtype=dtype,
                 attn_implementation="sdpa",
                 trust_remote_code=False,
@@ -229,10 +306,19 @@ def load_model(
     source = {"kind": kind, "id": spec.source}
     if spec.preset:
         source["preset"] = preset or spec.name
-    revision = getattr(module.config, "_commit_hash", None)
+    revision = snapshot.name if snapshot is not None else getattr(module.config, "_commit_hash", None)
     if revision:
         source["revision"] = str(revision)
+    folder = snapshot if snapshot is not None else Path(spec.source) if kind == "local" else _fetched_snapshot(spec)
+    content = folder_fingerprint(folder) if folder is not None else None
+    if content:
+        source[CONTENT_KEY] = content
     return LoadedModel(spec, module.eval(), source, absent)
+
+
+def _fetched_snapshot(spec: ModelSpec) -> Path | None:
+    """The cache snapshot `from_pretrained` just downloaded into (None if it kept none)."""
+    return hub_snapshot(spec.source)
 
 
 def _quiet_transformers() -> None:

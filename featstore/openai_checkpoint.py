@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import io
 import math
 import pickle
@@ -419,14 +418,6 @@ def openai_to_hf(state_dict: dict[str, torch.Tensor], *, num_heads: int | None =
     return config, out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _no_init() -> contextlib.AbstractContextManager:
     import importlib
 
@@ -458,4 +449,8 @@ def load_openai_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float
     emb = model.vision_model.embeddings
     emb.position_ids = torch.arange(emb.num_positions).expand((1, -1))  # a buffer, not in the state dict
     torch.nn.Module.to(model, dtype=dtype).eval()  # transformers' typed `to` wrapper confuses mypy
-    return model, {"kind": "openai-checkpoint", "path": str(path), "sha256": _sha256(path)}
+    from featstore.fingerprint import CONTENT_KEY, checkpoint_fingerprint, file_sha256
+
+    source = {"kind": "openai-checkpoint", "path": str(path), "sha256": file_sha256(path)}
+    source[CONTENT_KEY] = checkpoint_fingerprint(path)
+    return model, source

@@ -32,10 +32,13 @@ from featstore.images import DEFAULT_MAX_PIXELS, Preprocess, output_collisions, 
 from featstore.launch import Share, cuda_device_for, detect_share, process_cpus, workers_for
 from featstore.loading import LoadedModel, check_preset_options, load_model
 from featstore.npy import FAILURES_FILE, NpyWriter
+from featstore.outputs import check_outputs
 from featstore.reader import ImageReader
 from featstore.runner import ProgressFn, RunResult, StageTimes, output_error, run
 from featstore.signals import StopRequest
 from featstore.sources import Source, as_source
+from featstore.store.guard import StartGuard
+from featstore.store.location import as_location
 from featstore.store.plans import DEFAULT_UNIT_IMAGES
 from featstore.store.units import UnitStore
 
@@ -327,6 +330,8 @@ def build(
     if npy_dir is None and store is None:
         raise ConfigError("nothing to write: give --npy-dir, --store or both")
     _check_options(options)
+    where = as_location(store) if store is not None else None
+    check_outputs(where, Path(npy_dir) if npy_dir is not None else None)  # before the model loads
     share = share if share is not None else detect_share()
     if not share.distributed and store is not None and not options.overwrite:
         from featstore.store.writer import has_open_plan
@@ -347,8 +352,11 @@ def build(
         from featstore.store.writer import refuse_busy_store
 
         refuse_busy_store(store, leases=not share.distributed)  # before the model loads
+    # Held from before the model loads to the end: a second build of this store started at
+    # the same instant on this machine is refused now, not once its model has loaded.
+    guard = StartGuard(where) if where is not None and not share.distributed else nullcontext()
     stop = StopRequest()
-    with stop.handling_signals():
+    with guard, stop.handling_signals():
         if encoder is None:
             say(f"loading model {options.model} ...")
             # stores keep the pooled embedding by default; per-image files only when asked (--embedding)

@@ -11,6 +11,8 @@ same on every run. Pipeline tests pass it to `build`; CLI tests run this file as
 With FAKE_HOLD_AFTER=N and FAKE_HOLD_DIR=D in the environment, the encoder's call
 number N+1 creates D/held and then waits until D/release exists before returning:
 a test can signal the build at a known point without guessing how fast the machine is.
+With FAKE_HOLD_AT_LOAD=1 it waits there where a real model would load (the first
+read of `info`, after the build's checks, before any output is opened) instead.
 FAKE_SHARD_ROWS=N gives new stores shards of N rows.
 """
 
@@ -34,7 +36,7 @@ class FakeEncoder:
         self.device = torch.device("cpu")
         self.preprocess = DEFAULT_PREPROCESS
         self.calls = 0
-        self.info = EncodingInfo(
+        self._info = EncodingInfo(
             model="fake",
             model_source={"kind": "fake"},
             family="fake",
@@ -53,11 +55,23 @@ class FakeEncoder:
         self.hold_after = int(hold) if hold else None
         self.hold_dir = Path(os.environ.get("FAKE_HOLD_DIR", "."))
 
+        self.hold_at_load = os.environ.get("FAKE_HOLD_AT_LOAD") == "1"
+
+    @property
+    def info(self) -> EncodingInfo:
+        if self.hold_at_load:  # `build` reads it where it would have loaded a model
+            self.hold_at_load = False
+            self._hold()
+        return self._info
+
+    def _hold(self) -> None:
+        (self.hold_dir / "held").touch()
+        while not (self.hold_dir / "release").exists():
+            time.sleep(0.01)
+
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.calls == self.hold_after:
-            (self.hold_dir / "held").touch()
-            while not (self.hold_dir / "release").exists():
-                time.sleep(0.01)
+            self._hold()
         self.calls += 1
         # one image at a time, so that a row does not depend on the batch it came in
         return torch.stack([self._one(p) for p in pixels]) if len(pixels) else torch.zeros(0)

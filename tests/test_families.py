@@ -276,7 +276,8 @@ def test_projected_refused_for_families_without_it(tiny_models):
 
 
 def test_gated_models_say_how_to_use_a_downloaded_folder():
-    with pytest.raises(ModelNotFoundError, match=r"gated on the hub.*--local-dir DIR.*--model"):
+    prefetch = r"featstore prefetch facebook/dinov3-vitl16-pretrain-lvd1689m --to DIR"
+    with pytest.raises(ModelNotFoundError, match=rf"gated on the hub.*hf auth login.*{prefetch}.*--model"):
         load_model("facebook/dinov3-vitl16-pretrain-lvd1689m")
 
 

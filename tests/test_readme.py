@@ -22,26 +22,33 @@ def test_top_level_is_the_documented_layout():
     if not tracked:  # not a git checkout (an unpacked archive): nothing to compare
         return
     top = {p.split("/")[0] for p in tracked if not p.startswith(".")}
-    assert top == {"featstore", "cli", "tests", "benchmarks", "pyproject.toml", "README.md"}
+    assert top == {"featstore", "cli", "tests", "benchmarks", "pyproject.toml", "uv.lock", "README.md"}
+
+
+def _commands(after: str) -> list[list[str]]:
+    return [shlex.split(line) for line in _block(after, "bash").splitlines() if line.strip()]
 
 
 def test_quick_start_commands_and_reading_examples(tiny_models, tmp_path):
     models = {"ViT-B/32": tiny_models["clip"], "facebook/dinov2-small": tiny_models["dino"]}
-    commands = [shlex.split(line) for line in _block("## Quick start", "bash").splitlines() if line.strip()]
-    assert [c[:2] for c in commands] == [["featstore", "build"], ["featstore", "build"], ["featstore", "info"]]
-    for cmd in commands:
-        args = [str(REPO / a) if a == "tests/data/images" else models.get(a, a) for a in cmd[1:]]
-        if cmd[1] == "build":
+    quick = _commands("## Quick start")  # two commands, each doing its own set-up under uv
+    more = _commands("A CLIP store of the same images")
+    assert [c[:4] for c in quick] == [["uv", "run", "featstore", "build"], ["uv", "run", "featstore", "info"]]
+    assert [c[:4] for c in more] == [["uv", "run", "featstore", "build"]] * 2
+    for cmd in quick[:1] + more + quick[1:]:
+        # this test runs inside the environment `uv run` made: the command without `uv run`
+        args = [str(REPO / a) if a == "tests/data/images" else models.get(a, a) for a in cmd[3:]]
+        if cmd[3] == "build":
             args += ["--size", "32", "--device", "cpu"]
         p = featstore(*args, cwd=tmp_path)
-        if cmd[1] == "build":
+        if cmd[3] == "build":
             assert "encoded 4, skipped 0, failed 0" in p.stderr
     assert (tmp_path / "out" / "npy" / "renders" / "ring_mask.npy").exists()
     assert (tmp_path / "out" / "npy" / "landscape.json").exists()
 
-    quick = _block("Read it from Python", "python")
+    reading = _block("Read it from Python", "python")
     loader = _block("A training loader", "python").replace("num_workers=4", "num_workers=0").replace("...", "break")
-    script = quick + "\n" + loader + "\nprint('labels', sorted(y.tolist()), sorted(keys))\n"
+    script = reading + "\n" + loader + "\nprint('labels', sorted(y.tolist()), sorted(keys))\n"
     p = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("4 dinov2_patch_features ['landscape.jpg', 'renders/ring.png'")
@@ -83,3 +90,25 @@ def test_reading_from_other_tools_snippets_run(tmp_path, s3_server):
             [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300
         )
         assert p.returncode == 0, f"snippet {i}:\n{code}\n{p.stderr[-3000:]}"
+
+
+def test_ci_runs_the_readme_test_command_word_for_word():
+    [command] = [line for line in _block("Run the tests", "bash").splitlines() if line.strip()]
+    assert command.startswith("HF_HUB_OFFLINE=1 uv run ") and " pytest" in command
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert any(line == command or line.startswith(command + " ") for line in ci), command
+    assert "command -v uv" in (REPO / ".ci" / "run").read_text()  # a fresh machine gets uv first
+
+
+def test_the_cli_help_and_the_package_description_name_every_family():
+    import tomllib
+
+    from featstore.models.family import FAMILIES
+
+    description = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["description"]
+    intro = README[: README.index("## Contents")]
+    helptext = " ".join(featstore("--help").stdout.split())
+    names = {"clip": "CLIP", "dinov2": "DINOv2", "dinov3": "DINOv3", "siglip": "SigLIP"}
+    assert set(FAMILIES) == set(names)  # a new family: name it in all three places
+    for text in (description, intro, helptext):
+        assert all(n in text for n in names.values()) and "LAION" in text, text

@@ -44,8 +44,10 @@ def many_images(tmp_path: Path) -> Path:
     return d
 
 
-def _fake_build(images: Path, work: Path, outputs: list[str], hold: bool) -> subprocess.Popen[str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", FAKE_HOLD_DIR=str(work))
+def _fake_build(
+    images: Path, work: Path, outputs: list[str], hold: bool, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", FAKE_HOLD_DIR=str(work), **(extra_env or {}))
     if hold:
         env["FAKE_HOLD_AFTER"] = str(HOLD_AFTER)
     args = ["build", "-i", str(images), "-m", "fake", "--batch-size", str(BATCH), "--workers", "1", "--device", "cpu"]

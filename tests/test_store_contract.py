@@ -172,8 +172,24 @@ class StoreContract:
     def test_other_model_source_refused(self, path: Where) -> None:
         write(path, [KEYS[:2]])
         other = make_info(model_source={"kind": "hf", "id": "someone/finetuned-clip", "revision": "y"})
-        with pytest.raises(IncompatibleStoreError, match="model_source"):
+        with pytest.raises(
+            IncompatibleStoreError, match=r"other weights: model .*\(Hugging Face someone/finetuned-clip"
+        ):
             open_store_writer(path, other, overwrite=False)
+
+    def test_weights_are_identified_by_content(self, path: Where) -> None:
+        hub = {"kind": "hf", "id": "openai/clip-vit-base-patch32", "revision": "x", "content_sha256": "a" * 64}
+        write(path, [KEYS[:2]], model_source=hub)
+        moved = {"kind": "local", "id": "/elsewhere/clip-copy", "content_sha256": "a" * 64}
+        open_store_writer(path, make_info(model_source=moved), overwrite=False).close()  # same weights: accepted
+        other = {**moved, "content_sha256": "b" * 64}
+        with pytest.raises(IncompatibleStoreError) as e:
+            open_store_writer(path, make_info(model_source=other), overwrite=False)
+        assert (
+            "{" not in str(e.value)
+            and "weights aaaaaaaaaaaa" in str(e.value)
+            and "weights bbbbbbbbbbbb" in str(e.value)
+        )
 
     def test_second_writer_refused(self, path: Where) -> None:
         w = open_store_writer(path, make_info(), overwrite=False, shard_rows=4)

@@ -294,7 +294,11 @@ def test_cli_info_lists_failures_and_preprocessing(tmp_path: Path) -> None:
         w.record_failures([Failure(f"bad{i}.png", "cannot decode") for i in range(7)])
     r = invoke("info", str(store))
     assert r.exit_code == 0, r.output
-    assert "clip_output" not in r.output and "preprocessing opencv_alpha_multiplication" in r.output
+    assert (
+        "clip_output" not in r.output
+        and "named 'opencv_alpha_multiplication' as in the reference format; OpenCV is not used" in r.output
+    )
+    assert "preprocessing shorter-side bicubic (antialiased), center crop; rgb = uint8(" in r.output
     assert "'bad4.png': cannot decode" in r.output and "bad5.png" not in r.output and "2 more" in r.output
     r = invoke("info", str(store), "--failed")
     assert "'bad6.png'" in r.output and "more" not in r.output

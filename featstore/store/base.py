@@ -215,11 +215,41 @@ def check_compatible(path: object, stored: EncodingInfo, requested: EncodingInfo
             f"{path} holds rows resized by {resized_by(stored)} but this build resizes with "
             f"{resized_by(requested)} (pixels differ slightly); write to another store or pass --overwrite"
         )
-    if not imported and stored.model_source != requested.model_source:
+    if not imported and not same_weights(stored.model_source, requested.model_source):
         raise IncompatibleStoreError(
-            f"{path} holds features of model_source={stored.model_source} but this build uses "
-            f"{requested.model_source}; write to another store or pass --overwrite"
+            f"{path} holds features of {describe_model(stored)}, but this build uses other weights: "
+            f"{describe_model(requested)}; write to another store or pass --overwrite"
         )
+
+
+def same_weights(a: dict[str, str], b: dict[str, str]) -> bool:
+    """Whether two model sources name the same weights: by content where both record its
+    hash (any path, a copy, the hub cache), else (stores made before) by where they came from."""
+    from featstore.fingerprint import CONTENT_KEY
+
+    if a.get(CONTENT_KEY) and b.get(CONTENT_KEY):
+        return a[CONTENT_KEY] == b[CONTENT_KEY] and a.get("preset") == b.get("preset")
+    strip = {CONTENT_KEY}
+    return {k: v for k, v in a.items() if k not in strip} == {k: v for k, v in b.items() if k not in strip}
+
+
+def describe_model(info: EncodingInfo) -> str:
+    """A model source as words: "model 'x' (the folder /m, weights 1a2b3c4d5e6f)"."""
+    from featstore.fingerprint import CONTENT_KEY
+
+    src = info.model_source
+    kind = src.get("kind", "")
+    where = {
+        "hf": f"Hugging Face {src.get('id')}" + (f" at revision {src['revision'][:12]}" if src.get("revision") else ""),
+        "local": f"the folder {src.get('id')}",
+        "openai-checkpoint": f"the checkpoint {src.get('path')}",
+        "random": f"random weights, seed {src.get('seed')}",
+    }.get(kind, f"{kind or 'unknown'} {src.get('id', '')}".strip())
+    if src.get("preset"):
+        where += f", preset {src['preset']}"
+    content = src.get(CONTENT_KEY) or src.get("sha256")
+    weights = f", weights {content[:12]}" if content else ", weights not hashed"
+    return f"model {info.model!r} ({where}{weights})"
 
 
 def failures_from_attrs(attrs: dict[str, Any]) -> list[Failure]:
