@@ -9,7 +9,9 @@ or HDF5 (`*.h5`, `*.hdf5`, local), behind one reader interface.
 Writing goes through `open_store_writer` (a single-process build's store stage) or
 `open_unit_store` (one process of a distributed build). Modules: the array layout and
 the reader interface (`base`), where a store lives (`location`), object I/O local and
-remote (`_blobs`), byte-range rows (`_direct`), the backends (`_zarr`, `_hdf5`), the
+remote (`_blobs`), byte-range rows (`_direct`), the backends (Zarr: `_zarr` the reader,
+`_zarr_layout` what readers and writers share, `_zarr_write` the writer, `_zarr_meta` the
+metadata documents other tools read; HDF5: `_hdf5`), the
 writer facade (`writer`), and for distributed builds the work plans (`plans`), the
 unit leases (`leases`) and the unit writer with the finalize step (`units`).
 

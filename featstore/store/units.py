@@ -38,17 +38,10 @@ from typing import Any
 from featstore.batches import EncodingInfo, Failure
 from featstore.errors import StoreError, StoreLockedError
 from featstore.store._blobs import Blobs, LocalBlobs, open_blobs
-from featstore.store._zarr import (
-    KEYS,
-    Layout,
-    ZarrShardWriter,
-    _committed,
-    _doc,
-    bring_current,
-    open_for_writing,
-)
+from featstore.store._zarr_layout import Layout, _committed, _doc
 from featstore.store._zarr_meta import COORDINATION_DIMENSIONS, put_json
-from featstore.store.base import failures_from_attrs
+from featstore.store._zarr_write import ZarrShardWriter, bring_current, open_for_writing
+from featstore.store.base import KEYS, failures_from_attrs
 from featstore.store.leases import LEASES, Leases
 from featstore.store.location import Location
 from featstore.store.plans import (
