@@ -225,6 +225,14 @@ def build(
     max_pixels: Annotated[
         int, typer.Option(min=1, help="Refuse images with more pixels than this (decompression bombs).")
     ] = 178_956_970,
+    max_image_bytes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Refuse image files larger than this many bytes, before reading them (default 1 GiB: "
+            "memory per decode worker).",
+        ),
+    ] = 1 << 30,
     recursive: Annotated[bool, typer.Option(help="Search subfolders of --input.")] = True,
     compile: Annotated[
         bool,
@@ -277,6 +285,7 @@ def build(
         overwrite=overwrite,
         recursive=recursive,
         max_pixels=max_pixels,
+        max_image_bytes=max_image_bytes,
         compile=compile,
         layers=parse_layers(layers) if layers is not None else None,
         norm=norm.value if norm else None,
