@@ -123,3 +123,18 @@ def test_deaths_no_image_explains_end_the_build_with_one_line_exit_2(tiny_models
     assert {"img00_mask", "img01_mask"} <= done  # the batches before the deaths are kept
     code, err = _cli([*args, "--size", "32", "--device", "cpu", "--workers", "0"], capsys)
     assert code == 0 and "failed 0" in err, err
+
+
+def test_s3_objects_too(tiny_models, images, tmp_path, s3_server):
+    import s3fs
+
+    prefix = s3_server.url("killer")
+    fs = s3fs.S3FileSystem(**s3_server.options, skip_instance_cache=True)
+    for p in sorted(images.iterdir()):
+        fs.pipe_file(f"{prefix.removeprefix('s3://')}/{p.name}", p.read_bytes())
+    with pytest.MonkeyPatch.context() as mp:
+        _kill_when(mp, lambda key, _w: key == "img02.png")
+        source = as_source(prefix + "/", storage_options=s3_server.options)
+        got = build(source, _options(tiny_models["dino"]), npy_dir=tmp_path / "out")
+    assert [(f.key, f.reason) for f in got.failures] == [("img02.png", KILLED)]
+    assert got.encoded == N - 1
