@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -64,13 +65,27 @@ url, step = sys.argv[1], sys.argv[2]
 try:
     if step == "open":
         featstore.open(url)
-    else:
+    elif step == "batch":
         store = featstore.open(url)
         print("opened", len(store), flush=True)
         sys.stdin.readline()  # the test freezes the server now
         store.get_batch([0, 1])
+    elif step == "dataset":
+        from torch.utils.data import DataLoader
+        loader = DataLoader(featstore.FeatureDataset(url), batch_size=2, num_workers=1)
+        print("opened", len(loader.dataset), flush=True)
+        sys.stdin.readline()
+        next(iter(loader))
+    else:  # an image reader over objects or tar shards
+        from featstore.batches import ImageItem
+        from featstore.reader import ImageReader
+        member = "a0.png" if step == "tar" else None
+        items = [ImageItem(url.rsplit("/", 1)[-1], url, member=member)]
+        print("opened", 1, flush=True)
+        sys.stdin.readline()
+        list(ImageReader(size=32, grid=4, batch_size=2, workers=1).batches(items))
 except StorageTimeoutError as e:
-    print("ERROR", e)
+    print("ERROR", str(e).strip().splitlines()[-1])
     sys.exit(2)
 print("no error")
 """
@@ -107,8 +122,27 @@ def test_a_frozen_server_ends_builds_and_reads_with_one_line_and_the_same_comman
     assert fresh.returncode == 2 and "ERROR" in fresh.stdout and "object storage did not answer" in fresh.stdout, (
         fresh.stdout + fresh.stderr
     )
+    assert _frozen_after_start(server, url, "batch", "opened 7")
+    assert _frozen_after_start(server, url, "dataset", "opened 7")  # in a DataLoader worker
+
+    # Image inputs on the frozen server: an object, a tar shard (read by a decode worker).
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**server.options, skip_instance_cache=True)
+    obj = server.url("a0.png")
+    fs.pipe_file(obj.removeprefix("s3://"), (images / "a0.png").read_bytes())
+    shard = server.url("shard.tar")
+    with tarfile.open(tmp_path / "shard.tar", "w") as tf:
+        tf.add(images / "a0.png", arcname="a0.png")
+    fs.pipe_file(shard.removeprefix("s3://"), (tmp_path / "shard.tar").read_bytes())
+    assert _frozen_after_start(server, obj, "object", "opened 1")
+    assert _frozen_after_start(server, shard, "tar", "opened 1")
+
+
+def _frozen_after_start(server: S3Server, url: str, step: str, ready: str) -> bool:
+    """READER's `step` on `url`, the server frozen once it is ready: it must end with our one error."""
     reader = subprocess.Popen(
-        [sys.executable, "-c", READER, url, "batch"],
+        [sys.executable, "-c", READER, url, step],
         env=_env(server),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -117,14 +151,17 @@ def test_a_frozen_server_ends_builds_and_reads_with_one_line_and_the_same_comman
         cwd=REPO,
     )
     try:
-        assert reader.stdout is not None and reader.stdout.readline().startswith("opened 7")
+        assert reader.stdout is not None
+        line = reader.stdout.readline()
+        assert line.startswith(ready), line + (reader.stderr.read() if reader.stderr else "")
         with _Frozen(server):
             out, err = reader.communicate("\n", timeout=DEADLINE_S)
     finally:
         if reader.poll() is None:
             reader.kill()
             reader.wait()
-    assert reader.returncode == 2 and "ERROR" in out and "object storage did not answer" in out, out + err
+    assert reader.returncode == 2 and "ERROR" in out and "object storage did not answer" in out, (step, out, err)
+    return True
 
 
 def test_the_progress_line_says_so_while_nothing_moves(monkeypatch):
