@@ -139,6 +139,47 @@ def test_a_frozen_server_ends_builds_and_reads_with_one_line_and_the_same_comman
     assert _frozen_after_start(server, shard, "tar", "opened 1")
 
 
+FREEZE_MID_BUILD = """
+import os, signal, sys
+import featstore.store.writer as writer
+from featstore.cli import main
+pid, args = int(sys.argv[1]), sys.argv[2:]
+real, calls = writer.StoreWriter.write, []
+
+def write(self, batch):
+    real(self, batch)
+    calls.append(1)
+    if len(calls) == 2:  # two batches in: the server freezes, deterministically
+        os.killpg(pid, signal.SIGSTOP)
+
+writer.StoreWriter.write = write
+main(args)
+"""
+
+
+@needs_weed
+def test_a_server_frozen_mid_build(tiny_models, tmp_path, server):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(12):
+        Image.fromarray(make_rgba(32, 32, 80 + i)).save(images / f"b{i:02d}.png")
+    url = server.url("mid.zarr")
+    args = ["build", "-i", str(images), "-m", tiny_models["dino"], "--store", url, "--size", "32"]
+    args += ["--device", "cpu", "--workers", "0", "--batch-size", "2"]
+    assert server.process is not None
+    try:
+        stalled = _run([sys.executable, "-c", FREEZE_MID_BUILD, str(server.process.pid), *args], server)
+    finally:
+        os.killpg(server.process.pid, signal.SIGCONT)
+    lines = stalled.stderr.strip().splitlines()
+    assert stalled.returncode == 2 and len(lines) == 1 and "Traceback" not in stalled.stderr, stalled.stderr
+    assert "object storage did not answer" in lines[0] and "work committed before this point is kept" in lines[0]
+    resumed = _run([sys.executable, "-m", "featstore", *args], server)
+    assert resumed.returncode == 0 and "failed 0" in resumed.stderr, resumed.stderr
+    check = _run([sys.executable, "-c", "import featstore, sys; print(len(featstore.open(sys.argv[1])))", url], server)
+    assert check.stdout.strip() == "12", check.stdout + check.stderr
+
+
 def _frozen_after_start(server: S3Server, url: str, step: str, ready: str) -> bool:
     """READER's `step` on `url`, the server frozen once it is ready: it must end with our one error."""
     reader = subprocess.Popen(

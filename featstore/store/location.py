@@ -155,7 +155,7 @@ def fsspec_options(location: Location) -> dict[str, Any]:
         # with a time limit (see the module docstring).
         timeout, attempts = s3_limits()
         options["config_kwargs"] = {
-            "retries": {"max_attempts": attempts, "mode": "standard"},
+            "retries": {"total_max_attempts": attempts, "mode": "standard"},
             "connect_timeout": timeout,
             "read_timeout": timeout,
         }
@@ -169,19 +169,38 @@ def fsspec_options(location: Location) -> dict[str, Any]:
 
 
 def remote_fs(protocol: str, options: Mapping[str, Any]) -> Any:
-    """The fsspec filesystem for `protocol` with `options` (see `fsspec_options`), with
-    s3fs's own retry loop set to one pass (it is not an option of its constructor)."""
+    """The fsspec filesystem for `protocol` with `options` (see `fsspec_options`), its
+    requests bounded in time (`limit_retries`)."""
     import fsspec
 
     return limit_retries(fsspec.filesystem(protocol, **options))
 
 
 def limit_retries(fs: Any) -> Any:
-    """s3fs retries each call 5 times around botocore's own tries, and a read once more
-    around that: 75 requests of silence. One pass: botocore's tries are the budget."""
-    if type(fs).__module__.startswith("s3fs"):
-        fs.retries = 1
+    """Bound an s3fs filesystem's requests in time, once per (cached) instance.
+
+    s3fs retries each call 5 times around botocore's own tries, and a read once more
+    around that: 75 requests of silence; one pass leaves botocore's tries as the budget.
+    botocore sends uploads with `Expect: 100-continue`, and aiohttp waits for the "100
+    Continue" with no time limit at all (a PUT to a frozen server hung for as long as it
+    was frozen, while GETs timed out): the header goes, the body is sent at once.
+    """
+    if not type(fs).__module__.startswith("s3fs") or getattr(fs, "_featstore_bounded", False):
+        return fs
+    fs.retries = 1
+    try:
+        fs.connect()  # makes the botocore client (no request), so that its events can be set
+        fs.s3.meta.events.register("before-send.s3", _no_expect_continue)
+    except Exception:  # no client yet (bad options): the first request says why
+        pass
+    else:
+        fs._featstore_bounded = True
     return fs
+
+
+def _no_expect_continue(request: Any, **_kw: Any) -> None:
+    if "Expect" in request.headers:
+        del request.headers["Expect"]
 
 
 def s3_limits() -> tuple[float, int]:
