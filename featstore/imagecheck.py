@@ -24,6 +24,7 @@ Two steps, both on an open binary file (a path's file or a `BytesIO` of fetched 
 from __future__ import annotations
 
 import math
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -206,6 +207,8 @@ def _check_png(f: BinaryIO, layout: PngLayout) -> None:
         )
 
 
+_NEXT_MARKER = re.compile(rb"\xff+[^\x00\xff\xd0-\xd7]")  # a marker ending entropy-coded data
+_RESTARTS = [bytes([0xFF, 0xD0 + k]) for k in range(8)]
 _SOF_HUFFMAN = {0xC0, 0xC1, 0xC2}  # baseline, extended, progressive (Huffman); arithmetic coding can be denser
 _SOF_ANY = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
@@ -244,21 +247,10 @@ def _check_jpeg(data: bytes) -> None:
         if frame is None or len(body) < 1:
             return
         # the scan's entropy-coded data runs to the next marker that is not a stuffed 0xFF00 or a restart
-        restarts, start = 0, pos
-        while True:
-            pos = data.find(b"\xff", pos)
-            if pos < 0 or pos + 1 >= n:
-                pos = n
-                break
-            nxt = data[pos + 1]
-            if nxt == 0x00 or nxt == 0xFF:
-                pos += 1 if nxt == 0xFF else 2
-                continue
-            if 0xD0 <= nxt <= 0xD7:
-                restarts += 1
-                pos += 2
-                continue
-            break
+        start = pos
+        found = _NEXT_MARKER.search(data, pos)
+        pos = found.start() if found else n
+        restarts = sum(data.count(rst, start, pos) for rst in _RESTARTS) if interval else 0
         scan_bytes += pos - start
         if interval and frame[1]:
             units = _scan_units(frame, [body[1 + 2 * i] for i in range(body[0]) if 2 + 2 * i < len(body)])
