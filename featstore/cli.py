@@ -61,6 +61,9 @@ def _root(
     """featstore: precomputed vision features, correct, fast and resumable."""
 
 
+STALL_NOTICE_S = 10.0  # the progress line says so when no batch came for this long
+
+
 def _progress_factory(quiet: bool) -> Any:
     """A rich progress bar showing images/s; None when quiet or not on a terminal."""
     from rich.console import Console
@@ -76,9 +79,34 @@ def _progress_factory(quiet: bool) -> Any:
     console = Console(stderr=True)
     if quiet or not console.is_terminal:
         return None
+    import time
+
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    from featstore.store.location import s3_limits
+
+    class _Silence(ProgressColumn):
+        """Says so while nothing moves (rich redraws the line ten times a second): a frozen
+        object store otherwise looks like a slow batch until the requests give up."""
+
+        def __init__(self, bar: _Bar) -> None:
+            super().__init__()
+            self.bar = bar
+
+        def render(self, task: Any) -> Text:
+            quiet_s = time.monotonic() - self.bar.last
+            if quiet_s < STALL_NOTICE_S:
+                return Text("")
+            timeout, attempts = s3_limits()
+            return Text(
+                f"no batch for {quiet_s:.0f} s: waiting for decoding or storage (an S3 request gives up "
+                f"after {attempts} tries of {timeout:g} s)"
+            )
 
     class _Bar:
         def __init__(self, total: int) -> None:
+            self.last = time.monotonic()
             self.progress = Progress(
                 TextColumn("encoding"),
                 BarColumn(),
@@ -86,6 +114,7 @@ def _progress_factory(quiet: bool) -> Any:
                 TextColumn("{task.fields[rate]} img/s  failed {task.fields[failed]}{task.fields[waits]}"),
                 TimeElapsedColumn(),
                 TimeRemainingColumn(),
+                _Silence(self),
                 console=console,
             )
             self.task = self.progress.add_task("encoding", total=total, rate="-", failed=0, waits="")
@@ -98,6 +127,7 @@ def _progress_factory(quiet: bool) -> Any:
             self.progress.__exit__(*exc)  # type: ignore[arg-type]
 
         def update(self, run: Any) -> None:
+            self.last = time.monotonic()
             # The rate is the summary's (images encoded / seconds since the first batch
             # was asked for), not rich's moving estimate, so the last one shown agrees.
             rate = f"{run.images_per_second:.1f}" if run.encoded else "-"
@@ -226,6 +256,14 @@ def build(
     max_pixels: Annotated[
         int, typer.Option(min=1, help="Refuse images with more pixels than this (decompression bombs).")
     ] = 178_956_970,
+    max_image_bytes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Refuse image files larger than this many bytes, before reading them (default 1 GiB: "
+            "memory per decode worker).",
+        ),
+    ] = 1 << 30,
     recursive: Annotated[bool, typer.Option(help="Search subfolders of --input.")] = True,
     compile: Annotated[
         bool,
@@ -278,6 +316,7 @@ def build(
         overwrite=overwrite,
         recursive=recursive,
         max_pixels=max_pixels,
+        max_image_bytes=max_image_bytes,
         compile=compile,
         layers=parse_layers(layers) if layers is not None else None,
         norm=norm.value if norm else None,

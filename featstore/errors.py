@@ -12,6 +12,8 @@ FeatstoreError                 base; the CLI prints its message on one line, exi
 │   ├── StoreLockedError       another build holds the store
 │   └── CorruptStoreError      arrays/attrs on disk that contradict each other
 ├── OutputError                an output that cannot be written (disk full, read-only)
+├── StorageTimeoutError        object storage that does not answer within the timeouts
+├── DecodeWorkersError         decode workers killed again and again, no image to blame
 ├── UnsafeKeyError             a key that would escape the output folder
 └── BuildInterrupted           a build stopped by SIGINT/SIGTERM/SIGHUP after committing
                                what it had encoded; exit 128 + the signal number
@@ -65,6 +67,14 @@ class CorruptStoreError(StoreError):
 
 
 class OutputError(FeatstoreError):
+    pass
+
+
+class StorageTimeoutError(FeatstoreError):
+    pass
+
+
+class DecodeWorkersError(FeatstoreError):
     pass
 
 

@@ -42,13 +42,16 @@ def available() -> bool:
     return pyspng is not None
 
 
-def png(source: str | bytes, *, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]] | None:
+def png(
+    source: str | bytes, *, max_pixels: int, max_bytes: int | None = None
+) -> tuple[np.ndarray, tuple[int, int]] | None:
     """(H, W, 3|4) uint8 pixels and (H, W) of a plain 8-bit RGB/RGBA PNG, or None: decode
-    it the usual way (see the module docstring)."""
+    it the usual way (see the module docstring). A file over `max_bytes` is left to the
+    usual way too, which refuses it by name before reading it."""
     if pyspng is None:
         return None
     try:
-        data = _read(source, max_pixels)
+        data = _read(source, max_pixels, max_bytes)
         if data is None or not _plain(data):
             return None
         pixels = pyspng.load(data)
@@ -60,12 +63,14 @@ def png(source: str | bytes, *, max_pixels: int) -> tuple[np.ndarray, tuple[int,
     return pixels, (h, w)
 
 
-def _read(source: str | bytes, max_pixels: int) -> bytes | None:
+def _read(source: str | bytes, max_pixels: int, max_bytes: int | None) -> bytes | None:
     """The file's bytes if its header says a plain 8-bit RGB/RGBA PNG within the limits."""
     if isinstance(source, bytes):
+        if max_bytes is not None and len(source) > max_bytes:
+            return None
         return source if _header_ok(source[:_HEAD], len(source), max_pixels) else None
     st = os.stat(source)  # never open what is not a regular file (a FIFO would block)
-    if not stat.S_ISREG(st.st_mode):
+    if not stat.S_ISREG(st.st_mode) or (max_bytes is not None and st.st_size > max_bytes):
         return None
     with open(source, "rb") as f:
         head = f.read(_HEAD)

@@ -24,6 +24,7 @@ from PIL import Image, ImageOps
 from featstore import fastdecode
 from featstore.batches import Failure, ImageItem, Sample
 from featstore.errors import ConfigError, ImageError
+from featstore.imagecheck import DEFAULT_MAX_IMAGE_BYTES, check_complete, check_decoded, check_size, preflight
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own bomb limit x2 (about 13,000 x 13,000)
@@ -172,8 +173,9 @@ def _gray_to_rgba(gray: np.ndarray) -> np.ndarray:
     return np.stack([gray, gray, gray, alpha], axis=2)
 
 
-def _check_file(path: str) -> None:
-    """Raise an ImageError saying why `path` is no image file at all (missing, a FIFO, ...).
+def _check_file(path: str, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> int:
+    """Raise an ImageError saying why `path` is no image file at all (missing, a FIFO, ...)
+    or one too large to read; return its size.
 
     Checked before opening: opening a FIFO would block forever, a device never ends.
     """
@@ -196,6 +198,14 @@ def _check_file(path: str) -> None:
         raise ImageError(f"not a regular file ({kind})")
     if st.st_size == 0:
         raise ImageError("empty file (0 bytes)")
+    check_size(st.st_size, max_bytes)
+    return st.st_size
+
+
+def _last_rows(im: Image.Image) -> bytes:
+    """The raw bytes of the image's last two rows (what a stream that ended early leaves zero)."""
+    w, h = im.size
+    return im.crop((0, max(0, h - 2), w, h)).tobytes() if h >= 2 else b""
 
 
 def _unrecognised(head: bytes) -> str:
@@ -226,31 +236,37 @@ def _decode_error(e: BaseException) -> str:
     return f"cannot decode: {type(e).__name__}: {msg}"
 
 
-def open_image(path: str, *, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
+def open_image(
+    path: str, *, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode to RGBA uint8 (H, W, 4) and the size (H, W) before any resizing (see `_decode`)."""
-    pixels, hw = _decode(path, size=size, max_pixels=max_pixels)
+    pixels, hw = _decode(path, size=size, max_pixels=max_pixels, max_bytes=max_bytes)
     return (_opaque_rgba(pixels) if isinstance(pixels, Image.Image) else pixels), hw
 
 
 def _decode(
-    path: str | bytes, *, size: int, max_pixels: int, draft: bool = True
+    path: str | bytes, *, size: int, max_pixels: int, draft: bool = True, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
 ) -> tuple[np.ndarray | Image.Image, tuple[int, int]]:
     """Decode a file (by path) or an image's bytes (a tar member, a remote object) to RGBA
     uint8 (H, W, 4), or to an RGB image when it has no transparency, and the size (H, W)
     before any resizing.
 
-    Refuses (ImageError) anything that is not a decodable image, and images over
-    `max_pixels` before decoding them (their header gives the size). JPEGs much larger
+    Refuses (ImageError) anything that is not a decodable image, files over `max_bytes`
+    and images over `max_pixels` before decoding them (their header gives the size), and
+    data that stops short of its header (`featstore.imagecheck`). JPEGs much larger
     than `size` are decoded at a reduced scale (`Image.draft`, DCT scaling by a power
     of two, never below `size` on the shorter side) unless `draft` is off.
     """
     if not isinstance(path, bytes):
-        _check_file(path)
+        nbytes = _check_file(path, max_bytes)
     elif not path:
         raise ImageError("empty file (0 bytes)")
+    else:
+        nbytes = len(path)
     try:
         with io.BytesIO(path) if isinstance(path, bytes) else open(path, "rb") as f, warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            layout = preflight(f, nbytes, max_bytes=max_bytes)  # before any decoder reads a chunk
             head = f.read(1024)
             f.seek(0)
             try:
@@ -263,6 +279,7 @@ def _decode(
                     raise ImageError(
                         f"{w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,} (raise it with --max-pixels)"
                     )
+                check_complete(f, layout, nbytes)
                 orientation = im.getexif().get(0x0112, 1)
                 if orientation in (5, 6, 7, 8):
                     h, w = w, h
@@ -270,6 +287,8 @@ def _decode(
                     im.draft(im.mode, (size, size))
                 im.seek(0)  # first frame of animations and multi-page files
                 im.load()
+                if layout is not None:
+                    check_decoded(f, layout, _last_rows(im))
                 rgba = _to_rgba(ImageOps.exif_transpose(im))
     except ImageError:
         raise
@@ -448,6 +467,7 @@ def load_sample(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     preprocess: Preprocess = DEFAULT_PREPROCESS,
     data: bytes | None = None,
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
 ) -> Sample:
     """Everything the worker does for one image (read from `item.path`, or `data` when the
     reader fetched its bytes); failures become a Sample with `error`."""
@@ -455,8 +475,10 @@ def load_sample(
         # exact presets decode at full scale, as the scripts they reproduce do
         exact = preprocess.premultiply == "float"
         source = item.path if data is None else data
-        decoded = fastdecode.png(source, max_pixels=max_pixels)  # None: not a plain RGB(A) PNG
-        pixels, orig_hw = decoded or _decode(source, size=size, max_pixels=max_pixels, draft=not exact)
+        decoded = fastdecode.png(source, max_pixels=max_pixels, max_bytes=max_bytes)  # None: not a plain PNG
+        pixels, orig_hw = decoded or _decode(
+            source, size=size, max_pixels=max_pixels, draft=not exact, max_bytes=max_bytes
+        )
         rgb, mask = prepare(pixels, size=size, grid=grid, preprocess=preprocess)
         return Sample(item, rgb, mask, orig_hw)
     except ImageError as e:

@@ -28,6 +28,7 @@ from featstore.batches import EncodingInfo, Failure, Writer
 from featstore.distributed import Scheduler, block, listing_plan
 from featstore.encoder import Encoded, Encoder, PatchEncoder
 from featstore.errors import BuildInterrupted, ConfigError
+from featstore.imagecheck import DEFAULT_MAX_IMAGE_BYTES
 from featstore.images import DEFAULT_MAX_PIXELS, Preprocess, output_collisions, unusable_names
 from featstore.launch import Share, cuda_device_for, detect_share, process_cpus, workers_for
 from featstore.loading import LoadedModel, check_preset_options, load_model
@@ -74,6 +75,7 @@ class BuildOptions:
     overwrite: bool = False
     recursive: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # per image file, refused before reading (memory bound)
     compile: bool = False  # torch.compile the model (CUDA: worth it for long runs)
     layers: tuple[int, ...] | None = None  # hidden_states indices; None: the family's standard output
     norm: str | None = None  # model | none | plain; None: what the family's standard output applies
@@ -444,6 +446,7 @@ def build(
             ),
             pin=device.type == "cuda",
             max_pixels=options.max_pixels,
+            max_bytes=options.max_image_bytes,
             preprocess=encoder.preprocess,
             remote=source.remote,
         )

@@ -21,45 +21,75 @@ import os
 import signal
 import tarfile
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import groupby
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from featstore.batches import Failure, ImageBatch, ImageItem, Sample
+from featstore.errors import DecodeWorkersError, FeatstoreError, ImageError, StorageTimeoutError
+from featstore.imagecheck import DEFAULT_MAX_IMAGE_BYTES, check_size
 from featstore.images import DEFAULT_MAX_PIXELS, DEFAULT_PREPROCESS, Preprocess, load_sample
 from featstore.sources import FETCH_ATTEMPTS, FETCH_BACKOFF_S, Remote, fetch_error, is_url
+from featstore.store.location import is_timeout, no_answer
 
 FETCH_THREADS = 16  # remote requests in flight per decode worker
 
 
 class _ImageDataset(Dataset[Sample]):
     def __init__(
-        self, items: Sequence[ImageItem], size: int, grid: int, max_pixels: int, preprocess: Preprocess
+        self,
+        items: Sequence[ImageItem],
+        size: int,
+        grid: int,
+        max_pixels: int,
+        preprocess: Preprocess,
+        max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     ) -> None:
         self.items, self.size, self.grid, self.max_pixels = list(items), size, grid, max_pixels
-        self.preprocess = preprocess
+        self.preprocess, self.max_bytes = preprocess, max_bytes
+        self.killed: dict[str, str] = {}  # key -> reason: images that killed decode workers, not decoded again
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> Sample:
+    def _load(self, item: ImageItem, data: bytes | None = None) -> Sample:
+        if item.key in self.killed:
+            return Sample(item, error=self.killed[item.key])
         return load_sample(
-            self.items[i], size=self.size, grid=self.grid, max_pixels=self.max_pixels, preprocess=self.preprocess
+            item,
+            size=self.size,
+            grid=self.grid,
+            max_pixels=self.max_pixels,
+            preprocess=self.preprocess,
+            data=data,
+            max_bytes=self.max_bytes,
         )
+
+    def __getitem__(self, i: int) -> Sample:
+        return self._load(self.items[i])
 
 
 class _ObjectDataset(_ImageDataset):
     """Remote objects: a batch's fetches go out together (the DataLoader calls `__getitems__`)."""
 
     def __init__(
-        self, items: Sequence[ImageItem], size: int, grid: int, max_pixels: int, preprocess: Preprocess, remote: Remote
+        self,
+        items: Sequence[ImageItem],
+        size: int,
+        grid: int,
+        max_pixels: int,
+        preprocess: Preprocess,
+        remote: Remote,
+        max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     ) -> None:
-        super().__init__(items, size, grid, max_pixels, preprocess)
+        super().__init__(items, size, grid, max_pixels, preprocess, max_bytes)
         self.remote = remote
         self._pool: tuple[int, ThreadPoolExecutor] | None = None
 
@@ -67,17 +97,24 @@ class _ObjectDataset(_ImageDataset):
         return {**self.__dict__, "_pool": None}
 
     def _fetch(self, item: ImageItem) -> bytes | str:
+        if item.key in self.killed:
+            return self.killed[item.key]
         try:
-            return self.remote.fetch(item.path)
+            data = self.remote.fetch(item.path, limit=self.max_bytes + 1)  # never more than the limit in memory
         except Exception as e:  # this object fails, the run goes on
+            if is_timeout(e):  # object storage does not answer: the build stops (one line, exit 2)
+                raise StorageTimeoutError(no_answer(item.path)) from None
             return fetch_error(e)
+        try:
+            check_size(len(data), self.max_bytes)
+        except ImageError as e:
+            return str(e).replace("file of ", "object of over ", 1)
+        return data
 
     def _sample(self, item: ImageItem, data: bytes | str) -> Sample:
         if isinstance(data, str):
             return Sample(item, error=data)
-        return load_sample(
-            item, size=self.size, grid=self.grid, max_pixels=self.max_pixels, preprocess=self.preprocess, data=data
-        )
+        return self._load(item, data)
 
     def __getitem__(self, i: int) -> Sample:
         return self._sample(self.items[i], self._fetch(self.items[i]))
@@ -100,9 +137,18 @@ class _ShardDataset(IterableDataset[Sample]):
         max_pixels: int,
         preprocess: Preprocess,
         remote: Remote | None,
+        max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     ) -> None:
         self.shards, self.size, self.grid, self.max_pixels, self.remote = shards, size, grid, max_pixels, remote
-        self.preprocess = preprocess
+        self.preprocess, self.max_bytes = preprocess, max_bytes
+        self.killed: dict[str, str] = {}  # as _ImageDataset's
+
+    @classmethod
+    def like(cls, other: _ShardDataset, shards: list[tuple[str, list[ImageItem]]]) -> _ShardDataset:
+        """The same reading of other shards (what is left of them after a worker died)."""
+        out = cls(shards, other.size, other.grid, other.max_pixels, other.preprocess, other.remote, other.max_bytes)
+        out.killed = other.killed
+        return out
 
     def __iter__(self) -> Iterator[Sample]:
         info = get_worker_info()
@@ -121,15 +167,21 @@ class _ShardDataset(IterableDataset[Sample]):
                         item = todo.pop(m.name, None)
                         if item is None:
                             continue  # another sample's member, or a key already done
-                        data = tf.extractfile(m).read()  # type: ignore[union-attr]
-                        yield load_sample(
-                            item,
-                            size=self.size,
-                            grid=self.grid,
-                            max_pixels=self.max_pixels,
-                            preprocess=self.preprocess,
-                            data=data,
-                        )
+                        if item.key in self.killed:
+                            yield Sample(item, error=self.killed[item.key])
+                        elif m.size > self.max_bytes:  # refused before it is read
+                            yield Sample(item, error=_over_limit(m.size, self.max_bytes))
+                        else:
+                            data = tf.extractfile(m).read()  # type: ignore[union-attr]
+                            yield load_sample(
+                                item,
+                                size=self.size,
+                                grid=self.grid,
+                                max_pixels=self.max_pixels,
+                                preprocess=self.preprocess,
+                                data=data,
+                                max_bytes=self.max_bytes,
+                            )
                         if not todo:
                             return
                 break
@@ -138,11 +190,21 @@ class _ShardDataset(IterableDataset[Sample]):
                 break
             except Exception as e:  # a network error: re-read the shard, skipping what was yielded
                 reason = f"tar shard {shard}: {fetch_error(e)}"
+                if is_timeout(e):  # object storage does not answer: the build stops (one line, exit 2)
+                    raise StorageTimeoutError(no_answer(shard)) from None
                 if remote is None or isinstance(e, (FileNotFoundError, PermissionError)):
                     break
                 time.sleep(FETCH_BACKOFF_S * 2**attempt)
         for item in todo.values():
             yield Sample(item, error=reason)
+
+
+def _over_limit(nbytes: int, max_bytes: int) -> str:
+    try:
+        check_size(nbytes, max_bytes)
+    except ImageError as e:
+        return str(e)
+    return ""
 
 
 def collate(samples: list[Sample]) -> ImageBatch:
@@ -165,6 +227,25 @@ def _ignore_stop_signals(_worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+KILLED = "decode worker killed while decoding this image (out of memory?)"
+PREFETCH = 4  # batches asked of each worker ahead of time
+UNEXPLAINED_DEATHS = 3  # worker deaths no single image explains before the build gives up
+
+
+def _worker_died(e: BaseException) -> bool:
+    text = str(e)
+    return isinstance(e, RuntimeError) and "DataLoader worker" in text and ("killed" in text or "exited" in text)
+
+
+def _one_line(e: FeatstoreError) -> FeatstoreError:
+    """A featstore error raised in a worker: the DataLoader re-raises it with the worker's
+    traceback in the message; the last line is ours."""
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return e
+    return type(e)(lines[-1].split(": ", 1)[-1])
+
+
 @dataclass(frozen=True, slots=True)
 class ImageReader:
     size: int
@@ -175,6 +256,7 @@ class ImageReader:
     max_pixels: int = DEFAULT_MAX_PIXELS
     preprocess: Preprocess = DEFAULT_PREPROCESS  # the model family's resize and premultiply
     remote: Remote | None = None  # reads the unit's remote objects and shards
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # per image file, refused before reading
 
     def batches(self, unit: Sequence[ImageItem]) -> Iterator[ImageBatch]:
         """Batches of `unit` (files and objects in order, tar samples shard by shard);
@@ -188,17 +270,15 @@ class ImageReader:
         parts = self._datasets(unit)
         if not parts:
             return iter(())
-        return self._started(iter(self._loader(*parts[0])), parts[1:])  # the first workers start here
+        return self._started(_Supervised(self, *parts[0]), parts[1:])  # the first workers start here
 
-    def _started(self, first: Iterator[ImageBatch], rest: list[tuple[Dataset[Sample], int]]) -> Iterator[ImageBatch]:
+    def _started(self, first: _Supervised, rest: list[tuple[Dataset[Sample], int]]) -> Iterator[ImageBatch]:
         try:
             yield from first
             for dataset, workers in rest:
                 yield from self._load(dataset, workers)
         finally:
-            shutdown = getattr(first, "_shutdown_workers", None)  # now, not when garbage-collected
-            if shutdown is not None:
-                shutdown()
+            first.close()  # now, not when garbage-collected
 
     def _datasets(self, unit: Sequence[ImageItem]) -> list[tuple[Dataset[Sample], int]]:
         """What reads the unit: one dataset per kind of item, each with its worker count."""
@@ -206,31 +286,199 @@ class ImageReader:
         objects = [it for it in unit if it.member is None and is_url(it.path)]
         members = [it for it in unit if it.member is not None]
         out: list[tuple[Dataset[Sample], int]] = []
+        args = (self.size, self.grid, self.max_pixels, self.preprocess)
         if files:
-            out.append((_ImageDataset(files, self.size, self.grid, self.max_pixels, self.preprocess), self.workers))
+            out.append((_ImageDataset(files, *args, self.max_bytes), self.workers))
         if objects:
             remote = self.remote or Remote(objects[0].path.partition("://")[0])
-            dataset = _ObjectDataset(objects, self.size, self.grid, self.max_pixels, self.preprocess, remote)
-            out.append((dataset, self.workers))
+            out.append((_ObjectDataset(objects, *args, remote, self.max_bytes), self.workers))
         if members:
             shards = [(path, list(group)) for path, group in groupby(members, key=lambda it: it.path)]
             first = members[0].path
             opener = self.remote or (Remote(first.partition("://")[0]) if is_url(first) else None)
-            tars = _ShardDataset(shards, self.size, self.grid, self.max_pixels, self.preprocess, opener)
+            tars = _ShardDataset(shards, *args, opener, self.max_bytes)
             out.append((tars, min(self.workers, len(shards))))  # a worker with no shard would only cost a fork
         return out
 
     def _load(self, dataset: Dataset[Sample], workers: int) -> Iterator[ImageBatch]:
-        yield from self._loader(dataset, workers)
+        supervised = _Supervised(self, dataset, workers)
+        try:
+            yield from supervised
+        finally:
+            supervised.close()
 
-    def _loader(self, dataset: Dataset[Sample], workers: int) -> DataLoader[Sample]:
+    def _loader(self, dataset: Dataset[Sample], workers: int, batches: list[list[int]] | None = None) -> DataLoader:
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
+            batch_size=self.batch_size if batches is None else 1,
+            batch_sampler=batches,
             num_workers=workers,
             collate_fn=collate,
             pin_memory=self.pin,
-            prefetch_factor=4 if workers else None,
+            prefetch_factor=PREFETCH if workers else None,
             persistent_workers=False,
             worker_init_fn=_ignore_stop_signals if workers else None,
         )
+
+
+class _Supervised:
+    """A dataset's batches from decode workers that are restarted when one is killed.
+
+    A worker killed by a signal (the kernel's OOM killer sends SIGKILL) takes its images
+    in flight with it. The batches not yet yielded are read again by new workers, in the
+    same order. Every image in flight at a death (the next `PREFETCH` batches of every
+    worker) gets a strike; those with two are decoded alone, one at a time, in a
+    separate worker: one that kills it is the culprit and becomes a failure (`KILLED`),
+    the others are innocent (their strikes cleared) and are read as usual. Deaths that
+    no image explains (memory pressure from all workers together) end the build after
+    `UNEXPLAINED_DEATHS` with one line (DecodeWorkersError).
+
+    The DataLoader's SIGCHLD handler would raise the death in the main thread wherever
+    it happens to be (inside the model, say); its worker pids are unregistered, so a
+    death is found where the batch is awaited (within 5 s: torch's status check).
+    """
+
+    def __init__(self, reader: ImageReader, dataset: Dataset[Sample], workers: int) -> None:
+        self.reader, self.dataset, self.workers = reader, dataset, workers
+        self.tar = isinstance(dataset, _ShardDataset)
+        self.done: set[str] = set()  # keys yielded (tar shards)
+        self.next_batch = 0  # batches yielded (files, objects)
+        self.strikes: Counter[str] = Counter()
+        self.deaths = 0
+        self.unexplained = 0
+        self._it: Any = None
+        self._open()
+
+    # -- what is left, and what was in flight
+
+    def _plan(self) -> tuple[Dataset[Sample], list[list[int]] | None]:
+        if self.tar:
+            assert isinstance(self.dataset, _ShardDataset)
+            left = [(p, [it for it in items if it.key not in self.done]) for p, items in self.dataset.shards]
+            rest = _ShardDataset.like(self.dataset, [(p, items) for p, items in left if items])
+            return rest, None
+        assert isinstance(self.dataset, _ImageDataset)
+        n, bs = len(self.dataset.items), self.reader.batch_size
+        return self.dataset, [list(range(i, min(i + bs, n))) for i in range(self.next_batch * bs, n, bs)]
+
+    def _in_flight(self, dataset: Dataset[Sample], batches: list[list[int]] | None, workers: int) -> list[ImageItem]:
+        ahead = PREFETCH * max(workers, 1)
+        if batches is not None:
+            assert isinstance(self.dataset, _ImageDataset)
+            return [self.dataset.items[i] for b in batches[:ahead] for i in b]
+        assert isinstance(dataset, _ShardDataset)
+        out: list[ImageItem] = []
+        for w in range(workers):  # each worker reads its shards in turn, PREFETCH batches ahead
+            stream = [it for _, items in dataset.shards[w::workers] for it in items]
+            out.extend(stream[: PREFETCH * self.reader.batch_size])
+        return out
+
+    def _open(self) -> None:
+        dataset, batches = self._plan()
+        self._current = (dataset, batches)
+        workers = min(self.workers, len(dataset.shards)) if isinstance(dataset, _ShardDataset) else self.workers
+        self._workers_now = workers
+        if batches == [] or (isinstance(dataset, _ShardDataset) and not dataset.shards):
+            self._it = iter(())
+            return
+        self._it = iter(self.reader._loader(dataset, workers, batches))
+        _unregister_sigchld(self._it)
+
+    def close(self) -> None:
+        shutdown = getattr(self._it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self._it = None
+
+    def __iter__(self) -> Iterator[ImageBatch]:
+        while self._it is not None:
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                self.close()
+                return
+            except FeatstoreError as e:
+                raise _one_line(e) from None
+            except RuntimeError as e:
+                if not self.workers or not _worker_died(e):
+                    raise
+                self._after_death()
+                continue
+            self.next_batch += 1
+            if self.tar:
+                self.done.update(it.key for it in batch.items)
+                self.done.update(f.key for f in batch.failures)
+            yield batch
+
+    # -- a worker died
+
+    def _after_death(self) -> None:
+        dataset, batches = self._current
+        suspects = self._in_flight(dataset, batches, self._workers_now)
+        self.close()
+        self.deaths += 1
+        self.strikes.update(it.key for it in suspects)
+        twice = [it for it in suspects if self.strikes[it.key] >= 2]
+        if twice:
+            culprits = self._isolate(twice)
+            for it in twice:
+                self.strikes[it.key] = 0
+            killed = self.dataset.killed  # type: ignore[attr-defined]
+            killed.update(dict.fromkeys(culprits, KILLED))
+            if not culprits:
+                self.unexplained += 1
+        if self.unexplained >= UNEXPLAINED_DEATHS:
+            raise DecodeWorkersError(
+                f"decode workers were killed {self.deaths} times and no single image explains it "
+                "(out of memory? use fewer --workers or a smaller --batch-size); work committed before "
+                "this point is kept, re-run to resume"
+            )
+        self._open()
+
+    def _isolate(self, suspects: list[ImageItem]) -> list[str]:
+        """Decode each suspect alone in one worker; the keys of those it died on."""
+        culprits: list[str] = []
+        left = list(suspects)
+        while left:
+            if self.tar:
+                assert isinstance(self.dataset, _ShardDataset)
+                keys = {it.key for it in left}
+                shards = [(p, [it for it in items if it.key in keys]) for p, items in self.dataset.shards]
+                alone: Dataset[Sample] = _ShardDataset.like(self.dataset, [(p, i) for p, i in shards if i])
+                order = [it for _, items in shards for it in items]
+                singles: list[list[int]] | None = None
+            else:
+                assert isinstance(self.dataset, _ImageDataset)
+                index = {it.key: i for i, it in enumerate(self.dataset.items)}
+                alone, order, singles = self.dataset, left, [[index[it.key]] for it in left]
+            loader = DataLoader(
+                alone,
+                batch_size=1,
+                batch_sampler=singles,
+                num_workers=1,
+                collate_fn=collate,
+                prefetch_factor=1,
+                worker_init_fn=_ignore_stop_signals,
+            )
+            it: Any = iter(loader)
+            _unregister_sigchld(it)
+            seen = 0
+            try:
+                for _ in it:  # one image per batch, one batch in flight: a death names its image
+                    seen += 1
+                left = []
+            except RuntimeError as e:
+                if not _worker_died(e):
+                    raise
+                culprits.append(order[seen].key)
+                left = order[seen + 1 :]
+            finally:
+                it._shutdown_workers()
+        return culprits
+
+
+def _unregister_sigchld(it: Any) -> None:
+    """Take a DataLoader iterator's workers out of torch's SIGCHLD handler (see `_Supervised`)."""
+    if getattr(it, "_worker_pids_set", False):
+        torch.utils.data._utils.signal_handling._remove_worker_pids(id(it))
+        it._worker_pids_set = False

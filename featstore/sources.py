@@ -30,7 +30,7 @@ from typing import IO, Any, Literal, TypeVar
 from featstore.batches import Failure, ImageItem
 from featstore.errors import ConfigError
 from featstore.images import IMAGE_EXTENSIONS, discover
-from featstore.store.location import Location, as_location, fsspec_options
+from featstore.store.location import Location, as_location, fsspec_options, is_timeout, remote_fs
 
 __all__ = ["Discovered", "Remote", "Source", "as_source", "expand_braces", "with_retries"]
 
@@ -47,6 +47,8 @@ T = TypeVar("T")
 
 def _permanent(e: BaseException) -> bool:
     """Errors a retry cannot fix (a missing object, refused credentials, a bad tar)."""
+    if is_timeout(e):  # the request already had its tries (FEATSTORE_S3_ATTEMPTS)
+        return True
     return isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, tarfile.TarError, EOFError))
 
 
@@ -82,15 +84,16 @@ class Remote:
     storage_options: Mapping[str, Any] = field(default_factory=dict)
 
     def fs(self, url: str) -> Any:
-        import fsspec
-
         protocol = url.partition("://")[0]
         given = self.storage_options if protocol == self.protocol else {}
         # fsspec caches instances per process: a forked worker gets its own, not the parent's.
-        return fsspec.filesystem(protocol, **fsspec_options(Location(url, protocol, dict(given))))
+        return remote_fs(protocol, fsspec_options(Location(url, protocol, dict(given))))
 
-    def fetch(self, url: str) -> bytes:
-        return with_retries(lambda: self.fs(url).cat_file(url))
+    def fetch(self, url: str, limit: int | None = None) -> bytes:
+        """The object's bytes; with `limit`, its first `limit` bytes at most (a ranged request)."""
+        if limit is None:
+            return with_retries(lambda: self.fs(url).cat_file(url))
+        return with_retries(lambda: self.fs(url).cat_file(url, start=0, end=limit))
 
     def open(self, url: str) -> IO[bytes]:
         # Read ahead in large blocks: a tar shard is read from start to end.

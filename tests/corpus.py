@@ -218,6 +218,55 @@ def make_corpus(root: Path, *, huge: bool = True) -> dict[str, Case]:
     (root / "truncated_jpg.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     add("truncated_jpg.jpg", "truncated JPEG (cut at 50%)", reason="truncated")
 
+    # data that stops short of its header: Pillow decodes these without a word
+    (root / "short_13000.png").write_bytes(_png(13_000, 13_000, 8, 0, [bytes(13_000)]))
+    add("short_13000.png", "a 100-byte PNG declaring 13000 x 13000 over one row (a complete zlib stream)",
+        reason="truncated file (the PNG header says 13000x13000")  # fmt: skip
+
+    half = _noise(20, 40, 3, 20)
+    (root / "short_rows.png").write_bytes(_png(40, 40, 8, 2, [r.tobytes() for r in half]))
+    add("short_rows.png", "a 40 x 40 PNG whose zlib stream ends after 20 rows",
+        reason="truncated file (the PNG header says 40x40; its image data holds 20 of 40 rows)")  # fmt: skip
+
+    buf = io.BytesIO()
+    Image.fromarray(_noise(30, 40, 3, 21)).save(buf, format="JPEG")
+    jpeg = bytearray(buf.getvalue())
+    sof = jpeg.find(b"\xff\xc0")
+    jpeg[sof + 5 : sof + 9] = struct.pack(">HH", 3000, 4000)
+    (root / "short_scan.jpg").write_bytes(bytes(jpeg))
+    add("short_scan.jpg", "a JPEG whose header says 4000 x 3000 over a 40 x 30 scan (and an end marker)",
+        reason="truncated file (the JPEG header says 4000x3000")  # fmt: skip
+
+    buf = io.BytesIO()
+    Image.fromarray(_noise(64, 96, 3, 22)).save(buf, format="JPEG", restart_marker_blocks=4)
+    whole = buf.getvalue()
+    marks = [
+        i for i in range(whole.find(b"\xff\xda"), len(whole) - 1) if whole[i] == 0xFF and 0xD0 <= whole[i + 1] <= 0xD7
+    ]
+    (root / "cut_restarts.jpg").write_bytes(whole[: marks[len(marks) // 2]] + b"\xff\xd9")
+    add("cut_restarts.jpg", "a JPEG cut half-way through its scan, an end marker appended",
+        reason="truncated file (the JPEG header says 96x64; a scan ends after")  # fmt: skip
+
+    def _chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", SIZE, SIZE, 8, 2, 0, 0, 0))
+    with open(root / "sparse_3gib.png", "wb") as f:  # 3 GiB apparent, a few KB on disk
+        f.write(ihdr + struct.pack(">I", 0x7FFFFFF0) + b"abCd")
+        f.truncate(3 << 30)
+    add("sparse_3gib.png", "a sparse 3 GiB file: PNG signature, IHDR, an unknown chunk of 0x7FFFFFF0 bytes",
+        reason="bytes per image, not read (raise it with --max-image-bytes)")  # fmt: skip
+
+    (root / "chunk_past_end.png").write_bytes(ihdr + struct.pack(">I", 0x7FFFFFF0) + b"abCd" + bytes(64))
+    add("chunk_past_end.png", "a PNG chunk declaring 2 GiB in a 100-byte file",
+        reason="truncated file (PNG chunk 'abCd' declares 2,147,483,632 bytes")  # fmt: skip
+
+    with open(root / "sparse_chunk.png", "wb") as f:  # 100 MiB of unknown chunk, under the file limit
+        f.write(ihdr + struct.pack(">I", 100 << 20) + b"abCd")
+        f.truncate(len(ihdr) + 12 + (100 << 20) + 12)
+    add("sparse_chunk.png", "a sparse PNG whose unknown chunk holds 100 MiB",
+        reason="PNG chunk 'abCd' of 104,857,600 bytes is over the limit of 67,108,864 bytes")  # fmt: skip
+
     (root / "text.png").write_text("just some notes, saved with the wrong name\n")
     add("text.png", "a text file named `.png`", reason="a text file")
 

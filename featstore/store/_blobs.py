@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from featstore.errors import CorruptStoreError, StoreError
-from featstore.store.location import Location, fsspec_options
+from featstore.errors import CorruptStoreError, StorageTimeoutError, StoreError
+from featstore.store.location import Location, fsspec_options, is_timeout, no_answer, remote_fs
 
 OPEN_FILES = 64  # descriptors kept open per store
 _WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", None)
@@ -284,10 +284,8 @@ class RemoteBlobs(Blobs):
     @property
     def fs(self) -> Any:
         if self._fs_cached is None or self._pid != os.getpid():
-            import fsspec
-
             try:
-                self._fs_cached = fsspec.filesystem(self.location.protocol, **self._options)
+                self._fs_cached = remote_fs(self.location.protocol, self._options)
             except (ImportError, ValueError) as e:
                 raise StoreError(f"{self.location}: cannot reach {self.location.protocol}:// ({e})") from None
             self._pid = os.getpid()
@@ -296,7 +294,9 @@ class RemoteBlobs(Blobs):
     def _path(self, key: str) -> str:
         return f"{self.root}/{key}"
 
-    def _error(self, e: BaseException, what: str) -> StoreError:
+    def _error(self, e: BaseException, what: str) -> StoreError | StorageTimeoutError:
+        if is_timeout(e):
+            return StorageTimeoutError(no_answer(f"{self.location}: cannot {what}"))
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if isinstance(e, PermissionError):
             text += "; check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or --storage-option)"

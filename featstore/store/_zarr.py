@@ -239,9 +239,10 @@ def zarr_group(location: Location, mode: str = "r") -> Any:
             return zarr.open_group(location.url, mode=mode, zarr_format=3, use_consolidated=False)  # type: ignore[arg-type]
         from zarr.storage import FsspecStore
 
-        from featstore.store.location import fsspec_options
+        from featstore.store.location import fsspec_options, limit_retries
 
         store = FsspecStore.from_url(location.url, storage_options=fsspec_options(location), read_only=mode == "r")
+        limit_retries(store.fs)
         return zarr.open_group(store, mode=mode, zarr_format=3, use_consolidated=False)  # type: ignore[arg-type]
     except Exception as e:  # zarr's own errors (GroupNotFoundError, metadata validation)
         raise CorruptStoreError(f"{location}: not a Zarr v3 group, or damaged ({type(e).__name__}: {e})") from None

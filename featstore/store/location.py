@@ -14,6 +14,14 @@ Credentials and endpoint come the standard way for S3: `AWS_ACCESS_KEY_ID`,
 SeaweedFS servers use, works as is). `storage_options` (the CLI's `--storage-option
 key=value`) are fsspec's options for the protocol and win over the environment, e.g.
 `endpoint_url`, `key`, `secret`, `anon`, `region_name`.
+
+Every S3 request has a time limit: `FEATSTORE_S3_TIMEOUT` seconds (default 20) to
+connect and for each read of the answer, and `FEATSTORE_S3_ATTEMPTS` tries (default 3,
+botocore's "standard" retries; s3fs's own retry loop is set to one pass, since it would
+multiply them). A server that stops answering (frozen, a dead network path: the TCP
+connection stays open, nothing comes back) costs one request about a minute, instead of
+botocore's 60 s x s3fs's 5 x botocore's 3 (15 minutes, measured as a silent hang), and
+then raises an error `is_timeout` recognises.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ from typing import Any, Literal
 from featstore.errors import ConfigError, StoreError
 
 Format = Literal["zarr", "hdf5"]
+S3_TIMEOUT_ENV, DEFAULT_S3_TIMEOUT_S = "FEATSTORE_S3_TIMEOUT", 20.0
+S3_ATTEMPTS_ENV, DEFAULT_S3_ATTEMPTS = "FEATSTORE_S3_ATTEMPTS", 3
 ZARR_SUFFIXES = (".zarr",)
 HDF5_SUFFIXES = (".h5", ".hdf5")
 
@@ -141,8 +151,14 @@ def fsspec_options(location: Location) -> dict[str, Any]:
         if region:
             options["client_kwargs"] = {"region_name": region}
         # Requests as s3fs makes them by default, but with no retries of a refused
-        # credential: a wrong key should be one error now, not a minute of backoff.
-        options["config_kwargs"] = {"retries": {"max_attempts": 3, "mode": "standard"}}
+        # credential (a wrong key should be one error now, not a minute of backoff) and
+        # with a time limit (see the module docstring).
+        timeout, attempts = s3_limits()
+        options["config_kwargs"] = {
+            "retries": {"total_max_attempts": attempts, "mode": "standard"},
+            "connect_timeout": timeout,
+            "read_timeout": timeout,
+        }
     # Listings must be fresh: a reader lists the commit records of other processes.
     options["use_listings_cache"] = False
     given = dict(location.storage_options)
@@ -150,3 +166,72 @@ def fsspec_options(location: Location) -> dict[str, Any]:
         options.setdefault("client_kwargs", {})["region_name"] = given.pop("region_name")
     options.update(given)
     return options
+
+
+def remote_fs(protocol: str, options: Mapping[str, Any]) -> Any:
+    """The fsspec filesystem for `protocol` with `options` (see `fsspec_options`), its
+    requests bounded in time (`limit_retries`)."""
+    import fsspec
+
+    return limit_retries(fsspec.filesystem(protocol, **options))
+
+
+def limit_retries(fs: Any) -> Any:
+    """Bound an s3fs filesystem's requests in time, once per (cached) instance.
+
+    s3fs retries each call 5 times around botocore's own tries, and a read once more
+    around that: 75 requests of silence; one pass leaves botocore's tries as the budget.
+    botocore sends uploads with `Expect: 100-continue`, and aiohttp waits for the "100
+    Continue" with no time limit at all (a PUT to a frozen server hung for as long as it
+    was frozen, while GETs timed out): the header goes, the body is sent at once.
+    """
+    if not type(fs).__module__.startswith("s3fs") or getattr(fs, "_featstore_bounded", False):
+        return fs
+    fs.retries = 1
+    try:
+        fs.connect()  # makes the botocore client (no request), so that its events can be set
+        fs.s3.meta.events.register("before-send.s3", _no_expect_continue)
+    except Exception:  # no client yet (bad options): the first request says why
+        pass
+    else:
+        fs._featstore_bounded = True
+    return fs
+
+
+def _no_expect_continue(request: Any, **_kw: Any) -> None:
+    if "Expect" in request.headers:
+        del request.headers["Expect"]
+
+
+def s3_limits() -> tuple[float, int]:
+    """(seconds per request read or connect, tries per request) from the environment."""
+    try:
+        timeout = float(os.environ.get(S3_TIMEOUT_ENV) or DEFAULT_S3_TIMEOUT_S)
+        attempts = int(os.environ.get(S3_ATTEMPTS_ENV) or DEFAULT_S3_ATTEMPTS)
+    except ValueError:
+        raise ConfigError(f"{S3_TIMEOUT_ENV} must be seconds and {S3_ATTEMPTS_ENV} a whole number") from None
+    if timeout <= 0 or attempts < 1:
+        raise ConfigError(f"{S3_TIMEOUT_ENV} must be over 0 and {S3_ATTEMPTS_ENV} at least 1")
+    return timeout, attempts
+
+
+def is_timeout(e: BaseException) -> bool:
+    """Whether `e` (or what caused it) is a request that got no answer in time: botocore's
+    Read/ConnectTimeoutError, aiohttp's, asyncio's, fsspec's FSTimeoutError."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, TimeoutError) or "Timeout" in type(cur).__name__:
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def no_answer(where: object) -> str:
+    """The one line for object storage that did not answer."""
+    timeout, attempts = s3_limits()
+    return (
+        f"{where}: object storage did not answer ({attempts} tries of {timeout:g} s; "
+        f"{S3_TIMEOUT_ENV} and {S3_ATTEMPTS_ENV} set the limits); work committed before this point is kept"
+    )

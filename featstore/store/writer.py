@@ -9,6 +9,7 @@ of a local file).
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import chain
@@ -129,7 +130,7 @@ def open_store_writer(
             raise OutputError(
                 f"cannot create {location}: the folder {location.path.parent} cannot be written ({e.strerror or e})"
             ) from None
-        raise OutputError(f"cannot write {location}: {e}") from None
+        raise _write_error(location, e) from None
     return StoreWriter(location, info, sink)
 
 
@@ -174,7 +175,13 @@ def open_unit_store(
     try:
         return UnitStore.open(location, info, version=featstore_version, shard_rows=_zarr.default_shard_rows(info))
     except OSError as e:
-        raise OutputError(f"cannot write {location}: {e}") from None
+        raise _write_error(location, e) from None
+
+
+def _write_error(location: Location, e: OSError) -> OutputError:
+    """The README's one line for a store write that failed (disk full, read-only, ...)."""
+    reason = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    return OutputError(f"cannot write output {location}: {reason}; work committed before this point is kept")
 
 
 class StoreWriter:
@@ -229,7 +236,7 @@ class StoreWriter:
                 else np.asarray(batch.embedding[rows], dtype=np.float32),
             )
         except OSError as e:
-            raise OutputError(f"cannot write {self.location}: {e}") from None
+            raise _write_error(self.location, e) from None
 
     def record_failures(self, failures: Sequence[Failure]) -> None:
         self._new_failures.extend(Failure(_printable(f.key), f.reason) for f in failures)
@@ -242,7 +249,7 @@ class StoreWriter:
         try:
             self._sink.finish(merge_failures(self._sink.old_failures, self._new_failures, self._present))
         except OSError as e:
-            raise OutputError(f"cannot write {self.location}: {e}") from None
+            raise _write_error(self.location, e) from None
         finally:
             self._sink.abort()
 
