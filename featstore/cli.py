@@ -433,5 +433,4 @@ def main(argv: list[str] | None = None, *, encoder: Any = None) -> None:
         sys.exit(e.exit_code)
     if code == 130:  # Ctrl-C before `build` handles signals itself (while torch imports, say)
         typer.echo("featstore: interrupted", err=True)
-    if isinstance(code, int) and code:
-        sys.exit(code)
+    sys.exit(code if isinstance(code, int) else 0)  # as click's standalone mode does: always SystemExit

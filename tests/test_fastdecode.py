@@ -234,7 +234,7 @@ def test_torch_resizer_stays_within_its_documented_bound_on_renders_and_photos(r
 def _torch_encoder() -> FakeEncoder:
     enc = FakeEncoder(size=32)
     enc.preprocess = Preprocess(resizer="torch")
-    enc.info = replace(enc.info, resize=enc.preprocess.describe_resize())
+    enc._info = replace(enc.info, resize=enc.preprocess.describe_resize())  # info is read-only (a property)
     return enc
 
 
