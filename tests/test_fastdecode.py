@@ -274,3 +274,20 @@ def test_stores_recorded_before_the_torch_resizer_read_as_pillow():
     old = EncodingInfo.from_attrs({**attrs, "dtype": "float32", "preprocessing": {"name": "x"}})
     assert resized_by(old) == "pillow"
     assert resized_by(replace(old, resize=Preprocess(resizer="torch").describe_resize())) == "torch"
+
+
+def test_cli_resizer_torch_is_recorded_and_a_plain_append_is_refused(tiny_models, image_dir, tmp_path, capsys):
+    """`build --resizer torch` through the real CLI and model loading: the store records the
+    torch resizer; the same command without it (Pillow) is refused with one line."""
+    from tests.test_reliability import _cli
+
+    store = tmp_path / "t.zarr"
+    args = ["build", "-i", str(image_dir), "-m", tiny_models["dino"], "--size", "32", "--device", "cpu"]
+    code, err = _cli([*args, "--store", str(store), "--resizer", "torch", "--workers", "0"], capsys)
+    assert code == 0, err
+    assert TORCH_MARK in _store_attrs(store)["preprocessing"]["resize"]
+    code, err = _cli([*args, "--store", str(store), "--workers", "0"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "resized by torch" in lines[0], err
+    code, err = _cli([*args, "--store", str(tmp_path / "u.zarr"), "--resizer", "opencv"], capsys)
+    assert code == 2 and "--resizer 'opencv'" in err and not (tmp_path / "u.zarr").exists(), err
