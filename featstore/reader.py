@@ -42,22 +42,15 @@ from featstore.store.location import is_timeout, no_answer
 FETCH_THREADS = 16  # remote requests in flight per decode worker
 
 
-class _ImageDataset(Dataset[Sample]):
-    def __init__(
-        self,
-        items: Sequence[ImageItem],
-        size: int,
-        grid: int,
-        max_pixels: int,
-        preprocess: Preprocess,
-        max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-    ) -> None:
-        self.items, self.size, self.grid, self.max_pixels = list(items), size, grid, max_pixels
-        self.preprocess, self.max_bytes = preprocess, max_bytes
-        self.killed: dict[str, str] = {}  # key -> reason: images that killed decode workers, not decoded again
+class _Decodes:
+    """The decoding settings every dataset shares, and its one call of `load_sample`."""
 
-    def __len__(self) -> int:
-        return len(self.items)
+    size: int
+    grid: int
+    max_pixels: int
+    preprocess: Preprocess
+    max_bytes: int
+    killed: dict[str, str]  # key -> reason: images that killed decode workers, not decoded again
 
     def _load(self, item: ImageItem, data: bytes | None = None) -> Sample:
         if item.key in self.killed:
@@ -71,6 +64,24 @@ class _ImageDataset(Dataset[Sample]):
             data=data,
             max_bytes=self.max_bytes,
         )
+
+
+class _ImageDataset(_Decodes, Dataset[Sample]):
+    def __init__(
+        self,
+        items: Sequence[ImageItem],
+        size: int,
+        grid: int,
+        max_pixels: int,
+        preprocess: Preprocess,
+        max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    ) -> None:
+        self.items, self.size, self.grid, self.max_pixels = list(items), size, grid, max_pixels
+        self.preprocess, self.max_bytes = preprocess, max_bytes
+        self.killed = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
 
     def __getitem__(self, i: int) -> Sample:
         return self._load(self.items[i])
@@ -126,7 +137,7 @@ class _ObjectDataset(_ImageDataset):
         return [self._sample(it, data) for it, data in zip(items, self._pool[1].map(self._fetch, items), strict=True)]
 
 
-class _ShardDataset(IterableDataset[Sample]):
+class _ShardDataset(_Decodes, IterableDataset[Sample]):
     """Tar shards, each read start to end by one worker: [(shard path, its items to do), ...]."""
 
     def __init__(
@@ -141,7 +152,7 @@ class _ShardDataset(IterableDataset[Sample]):
     ) -> None:
         self.shards, self.size, self.grid, self.max_pixels, self.remote = shards, size, grid, max_pixels, remote
         self.preprocess, self.max_bytes = preprocess, max_bytes
-        self.killed: dict[str, str] = {}  # as _ImageDataset's
+        self.killed = {}
 
     @classmethod
     def like(cls, other: _ShardDataset, shards: list[tuple[str, list[ImageItem]]]) -> _ShardDataset:
@@ -168,20 +179,11 @@ class _ShardDataset(IterableDataset[Sample]):
                         if item is None:
                             continue  # another sample's member, or a key already done
                         if item.key in self.killed:
-                            yield Sample(item, error=self.killed[item.key])
+                            yield self._load(item)
                         elif m.size > self.max_bytes:  # refused before it is read
                             yield Sample(item, error=_over_limit(m.size, self.max_bytes))
                         else:
-                            data = tf.extractfile(m).read()  # type: ignore[union-attr]
-                            yield load_sample(
-                                item,
-                                size=self.size,
-                                grid=self.grid,
-                                max_pixels=self.max_pixels,
-                                preprocess=self.preprocess,
-                                data=data,
-                                max_bytes=self.max_bytes,
-                            )
+                            yield self._load(item, tf.extractfile(m).read())  # type: ignore[union-attr]
                         if not todo:
                             return
                 break
