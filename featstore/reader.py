@@ -17,6 +17,7 @@ Nothing is staged on disk; memory holds a few batches per worker.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import tarfile
@@ -227,6 +228,12 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     # clean stop into "DataLoader worker exited unexpectedly".
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
+    # s3fs closes a collected client's session from whatever event loop is running, and in a
+    # forked worker that can be another loop than the session's: asyncio then logs "Task
+    # exception was never retrieved ... attached to a different loop" with a traceback
+    # (seen with torch 2.15; the socket is closed all the same). A worker's real errors
+    # reach the main process as exceptions, never through asyncio's log.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
 KILLED = "decode worker killed while decoding this image (out of memory?)"

@@ -370,7 +370,8 @@ def test_unreachable_hub_is_one_line_without_retry_chatter(image_dir, tmp_path):
     )
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert p.returncode == 2 and len(lines) == 1 and "cannot load model 'someone/some-vit'" in lines[0], p.stderr
-    assert "Retrying" not in p.stderr and "set HF_HUB_OFFLINE=1" in lines[0]
+    assert "Retrying" not in p.stderr
+    assert "HF_HUB_OFFLINE is not set" in lines[0] and "featstore prefetch someone/some-vit" in lines[0], lines[0]
 
 
 def test_size_default_agrees_between_help_table_and_code(tiny_models, image_dir, tmp_path):
