@@ -289,21 +289,15 @@ class StoreLock:
         self.fd: int | None = None
 
     def acquire(self) -> None:
-        import fcntl
         import os
 
-        from featstore.errors import StoreLockedError
+        from featstore.store.guard import busy, locked_by
 
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            if (pid := locked_by(fd)) is not None:
                 os.close(fd)
-                raise StoreLockedError(
-                    f"{self.store} is being written by another featstore build (pid {pid})"
-                ) from None
+                raise busy(self.store, pid)
             try:  # the holder before us may have deleted the file on release: lock the current one
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -317,22 +311,20 @@ class StoreLock:
 
     def check_free(self) -> None:
         """Raise StoreLockedError if a build holds the lock now; takes nothing, creates nothing."""
-        import fcntl
         import os
 
-        from featstore.errors import StoreLockedError
+        from featstore.store.guard import busy, locked_by
 
         try:
             fd = os.open(self.path, os.O_RDWR)
         except OSError:
             return  # no lock file (or no folder yet): nobody is writing it
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-            raise StoreLockedError(f"{self.store} is being written by another featstore build (pid {pid})") from None
+            pid = locked_by(fd)
         finally:
             os.close(fd)  # also releases our flock, if we got it
+        if pid is not None:
+            raise busy(self.store, pid)
 
     def release(self) -> None:
         import os

@@ -25,6 +25,22 @@ from featstore.errors import StoreLockedError
 from featstore.store.location import Location
 
 
+def locked_by(fd: int) -> str | None:
+    """Take `fd`'s exclusive flock without waiting: None when taken, else the pid its
+    holder wrote in the file ("unknown" if none). The caller closes `fd` either way."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+    return None
+
+
+def busy(where: object, pid: str) -> StoreLockedError:
+    return StoreLockedError(f"{where} is being written by another featstore build (pid {pid})")
+
+
 def _lock_dir() -> Path:
     # per user: another user's folder in a shared /tmp could not be written
     return Path(tempfile.gettempdir()) / f"featstore-locks-{os.getuid() if hasattr(os, 'getuid') else 0}"
@@ -45,16 +61,11 @@ class StartGuard:
         self.fd: int | None = None
 
     def acquire(self) -> None:
-        import fcntl
-
         self.path.parent.mkdir(mode=0o700, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        if (pid := locked_by(fd)) is not None:
             os.close(fd)
-            raise StoreLockedError(f"{self.location} is being written by another featstore build (pid {pid})") from None
+            raise busy(self.location, pid)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
