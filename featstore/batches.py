@@ -9,7 +9,7 @@ and the store attributes).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -32,28 +32,80 @@ class Failure:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelInput:
+    """One image as one model of the build takes it."""
+
+    pixels: np.ndarray  # (size, size, 3) premultiplied RGB: uint8, or float32 in [0, 1]
+    mask: np.ndarray  # (grid, grid) uint8
+
+
+@dataclass(frozen=True, slots=True)
 class Sample:
-    """One decoded, preprocessed image, or the reason it could not be."""
+    """One decoded image, preprocessed for every model of the build, or the reason it could not be."""
 
     item: ImageItem
-    pixels: np.ndarray | None = None  # (size, size, 3) premultiplied RGB: uint8, or float32 in [0, 1]
-    mask: np.ndarray | None = None  # (grid, grid) uint8
+    inputs: tuple[ModelInput, ...] = ()  # one per model, in the build's order (one decode for all)
     orig_size_hw: tuple[int, int] = (0, 0)
     error: str | None = None
+
+    @property
+    def pixels(self) -> np.ndarray | None:
+        """The first (in a one-model build: the only) model's input."""
+        return self.inputs[0].pixels if self.inputs else None
+
+    @property
+    def mask(self) -> np.ndarray | None:
+        return self.inputs[0].mask if self.inputs else None
+
+
+@dataclass(slots=True)
+class BatchInput:
+    """A batch as one model takes it."""
+
+    pixels: Any  # torch.Tensor (B, size, size, 3) uint8 (float32 for float-premultiplied presets)
+    masks: np.ndarray  # (B, grid, grid) uint8
 
 
 @dataclass(slots=True)
 class ImageBatch:
     items: list[ImageItem]
-    pixels: Any  # torch.Tensor (B, size, size, 3) uint8 (float32 for float-premultiplied presets)
-    masks: np.ndarray  # (B, grid, grid) uint8
+    inputs: list[BatchInput]  # one per model, in the build's order (empty when every image failed)
     orig_size_hw: np.ndarray  # (B, 2) int32
     failures: list[Failure] = field(default_factory=list)
 
+    @property
+    def pixels(self) -> Any:
+        """The first (in a one-model build: the only) model's pixels."""
+        return self.inputs[0].pixels if self.inputs else None
+
+    @property
+    def masks(self) -> np.ndarray:
+        return self.inputs[0].masks if self.inputs else np.zeros((0,), np.uint8)
+
+    def for_model(self, m: int, needs: Collection[str] | None = None) -> ImageBatch:
+        """Model `m`'s input alone, keeping the images it `needs` (None: all of them) and
+        the failures among them."""
+        failures = self.failures if needs is None else [f for f in self.failures if f.key in needs]
+        if not self.items:
+            return ImageBatch([], [], self.orig_size_hw, failures)
+        keep = None if needs is None else [i for i, it in enumerate(self.items) if it.key in needs]
+        one = self.inputs[m]
+        if keep is None or len(keep) == len(self.items):
+            return ImageBatch(self.items, [one], self.orig_size_hw, failures)
+        if not keep:
+            return ImageBatch([], [], self.orig_size_hw[:0], failures)
+        rows = np.asarray(keep)
+        return ImageBatch(
+            [self.items[i] for i in keep],
+            [BatchInput(one.pixels[rows], one.masks[rows])],
+            self.orig_size_hw[rows],
+            failures,
+        )
+
     def pin_memory(self) -> ImageBatch:
         """Called by the DataLoader's pinning thread (pin_memory=True) on CUDA runs."""
-        if self.pixels is not None:
-            self.pixels = self.pixels.pin_memory()
+        for one in self.inputs:
+            one.pixels = one.pixels.pin_memory()
         return self
 
 

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from featstore import fastdecode
 from featstore.batches import Failure, ImageItem, Sample
 from featstore.errors import ConfigError, ImageError
 from featstore.imagecheck import DEFAULT_MAX_IMAGE_BYTES, check_complete, check_decoded, check_size, preflight
@@ -469,22 +468,13 @@ def load_sample(
     data: bytes | None = None,
     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
 ) -> Sample:
-    """Everything the worker does for one image (read from `item.path`, or `data` when the
-    reader fetched its bytes); failures become a Sample with `error`."""
-    try:
-        # exact presets decode at full scale, as the scripts they reproduce do
-        exact = preprocess.premultiply == "float"
-        source = item.path if data is None else data
-        decoded = fastdecode.png(source, max_pixels=max_pixels, max_bytes=max_bytes)  # None: not a plain PNG
-        pixels, orig_hw = decoded or _decode(
-            source, size=size, max_pixels=max_pixels, draft=not exact, max_bytes=max_bytes
-        )
-        rgb, mask = prepare(pixels, size=size, grid=grid, preprocess=preprocess)
-        return Sample(item, rgb, mask, orig_hw)
-    except ImageError as e:
-        return Sample(item, error=str(e))
-    except Exception as e:  # a bug on one odd image must not stop the run
-        return Sample(item, error=f"cannot preprocess: {type(e).__name__}: {e}")
+    """Everything the worker does for one image and one model (read from `item.path`, or
+    `data` when the reader fetched its bytes); failures become a Sample with `error`.
+    Several models from one decode: `featstore.samples.load_views`."""
+    from featstore.samples import InputSpec, load_views
+
+    spec = InputSpec(size, grid, preprocess)
+    return load_views(item, (spec,), max_pixels=max_pixels, data=data, max_bytes=max_bytes)
 
 
 def iter_samples(

@@ -33,10 +33,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from featstore.batches import Failure, ImageBatch, ImageItem, Sample
+from featstore.batches import BatchInput, Failure, ImageBatch, ImageItem, Sample
 from featstore.errors import DecodeWorkersError, FeatstoreError, ImageError, StorageTimeoutError
 from featstore.imagecheck import DEFAULT_MAX_IMAGE_BYTES, check_size
-from featstore.images import DEFAULT_MAX_PIXELS, DEFAULT_PREPROCESS, Preprocess, load_sample
+from featstore.images import DEFAULT_MAX_PIXELS, DEFAULT_PREPROCESS, Preprocess
+from featstore.samples import InputSpec, load_views
 from featstore.sources import FETCH_ATTEMPTS, FETCH_BACKOFF_S, Remote, fetch_error, is_url
 from featstore.store.location import is_timeout, no_answer
 
@@ -44,41 +45,28 @@ FETCH_THREADS = 16  # remote requests in flight per decode worker
 
 
 class _Decodes:
-    """The decoding settings every dataset shares, and its one call of `load_sample`."""
+    """The decoding settings every dataset shares, and its one call of `load_views`."""
 
-    size: int
-    grid: int
+    specs: tuple[InputSpec, ...]  # what each model of the build takes from an image
     max_pixels: int
-    preprocess: Preprocess
     max_bytes: int
     killed: dict[str, str]  # key -> reason: images that killed decode workers, not decoded again
 
     def _load(self, item: ImageItem, data: bytes | None = None) -> Sample:
         if item.key in self.killed:
             return Sample(item, error=self.killed[item.key])
-        return load_sample(
-            item,
-            size=self.size,
-            grid=self.grid,
-            max_pixels=self.max_pixels,
-            preprocess=self.preprocess,
-            data=data,
-            max_bytes=self.max_bytes,
-        )
+        return load_views(item, self.specs, max_pixels=self.max_pixels, data=data, max_bytes=self.max_bytes)
 
 
 class _ImageDataset(_Decodes, Dataset[Sample]):
     def __init__(
         self,
         items: Sequence[ImageItem],
-        size: int,
-        grid: int,
+        specs: tuple[InputSpec, ...],
         max_pixels: int,
-        preprocess: Preprocess,
         max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     ) -> None:
-        self.items, self.size, self.grid, self.max_pixels = list(items), size, grid, max_pixels
-        self.preprocess, self.max_bytes = preprocess, max_bytes
+        self.items, self.specs, self.max_pixels, self.max_bytes = list(items), specs, max_pixels, max_bytes
         self.killed = {}
 
     def __len__(self) -> int:
@@ -94,14 +82,12 @@ class _ObjectDataset(_ImageDataset):
     def __init__(
         self,
         items: Sequence[ImageItem],
-        size: int,
-        grid: int,
+        specs: tuple[InputSpec, ...],
         max_pixels: int,
-        preprocess: Preprocess,
         remote: Remote,
         max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     ) -> None:
-        super().__init__(items, size, grid, max_pixels, preprocess, max_bytes)
+        super().__init__(items, specs, max_pixels, max_bytes)
         self.remote = remote
         self._pool: tuple[int, ThreadPoolExecutor] | None = None
 
@@ -144,21 +130,19 @@ class _ShardDataset(_Decodes, IterableDataset[Sample]):
     def __init__(
         self,
         shards: list[tuple[str, list[ImageItem]]],
-        size: int,
-        grid: int,
+        specs: tuple[InputSpec, ...],
         max_pixels: int,
-        preprocess: Preprocess,
         remote: Remote | None,
         max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     ) -> None:
-        self.shards, self.size, self.grid, self.max_pixels, self.remote = shards, size, grid, max_pixels, remote
-        self.preprocess, self.max_bytes = preprocess, max_bytes
+        self.shards, self.specs, self.max_pixels, self.remote = shards, specs, max_pixels, remote
+        self.max_bytes = max_bytes
         self.killed = {}
 
     @classmethod
     def like(cls, other: _ShardDataset, shards: list[tuple[str, list[ImageItem]]]) -> _ShardDataset:
         """The same reading of other shards (what is left of them after a worker died)."""
-        out = cls(shards, other.size, other.grid, other.max_pixels, other.preprocess, other.remote, other.max_bytes)
+        out = cls(shards, other.specs, other.max_pixels, other.remote, other.max_bytes)
         out.killed = other.killed
         return out
 
@@ -213,12 +197,14 @@ def _over_limit(nbytes: int, max_bytes: int) -> str:
 def collate(samples: list[Sample]) -> ImageBatch:
     ok = [s for s in samples if s.error is None]
     failures = [Failure(s.item.key, s.error) for s in samples if s.error is not None]
+    hw = np.array([s.orig_size_hw for s in ok], dtype=np.int32).reshape(-1, 2)
     if not ok:
-        return ImageBatch([], None, np.zeros((0,)), np.zeros((0, 2), np.int32), failures)
-    pixels = torch.from_numpy(np.stack([s.pixels for s in ok]))  # type: ignore[misc]
-    masks = np.stack([s.mask for s in ok])  # type: ignore[misc]
-    hw = np.array([s.orig_size_hw for s in ok], dtype=np.int32)
-    return ImageBatch([s.item for s in ok], pixels, masks, hw, failures)
+        return ImageBatch([], [], hw, failures)
+    inputs = []
+    for m in range(len(ok[0].inputs)):  # each model's input, a batch of its own
+        pixels = torch.from_numpy(np.stack([s.inputs[m].pixels for s in ok]))
+        inputs.append(BatchInput(pixels, np.stack([s.inputs[m].mask for s in ok])))
+    return ImageBatch([s.item for s in ok], inputs, hw, failures)
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
@@ -266,6 +252,12 @@ class ImageReader:
     preprocess: Preprocess = DEFAULT_PREPROCESS  # the model family's resize and premultiply
     remote: Remote | None = None  # reads the unit's remote objects and shards
     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # per image file, refused before reading
+    also: tuple[InputSpec, ...] = ()  # the other models of a build of several: from the same decode
+
+    @property
+    def specs(self) -> tuple[InputSpec, ...]:
+        """What each model takes from an image, in the build's order (a batch's `inputs`)."""
+        return (InputSpec(self.size, self.grid, self.preprocess), *self.also)
 
     def batches(self, unit: Sequence[ImageItem]) -> Iterator[ImageBatch]:
         """Batches of `unit` (files and objects in order, tar samples shard by shard);
@@ -295,7 +287,7 @@ class ImageReader:
         objects = [it for it in unit if it.member is None and is_url(it.path)]
         members = [it for it in unit if it.member is not None]
         out: list[tuple[Dataset[Sample], int]] = []
-        args = (self.size, self.grid, self.max_pixels, self.preprocess)
+        args = (self.specs, self.max_pixels)
         if files:
             out.append((_ImageDataset(files, *args, self.max_bytes), self.workers))
         if objects:

@@ -1,7 +1,7 @@
 """Decode workers killed by SIGKILL (what the kernel's OOM killer sends) during builds.
 
 The images' decode is made to kill its own worker process with a real SIGKILL: the test
-replaces `featstore.reader.load_sample` before the DataLoader forks its workers, so the
+replaces `featstore.reader.load_views` before the DataLoader forks its workers, so the
 workers run the replacement. It kills only inside a worker (never the test process),
 deterministically by key (no timing).
 """
@@ -38,16 +38,16 @@ def images(tmp_path: Path) -> Path:
 
 def _kill_when(monkeypatch: pytest.MonkeyPatch, should_kill) -> None:
     """Decoding an image for which `should_kill(key, workers)` holds SIGKILLs the worker doing it."""
-    real = featstore.reader.load_sample
+    real = featstore.reader.load_views
     parent = os.getpid()
 
-    def load_sample(item, **kw):
+    def load_views(item, specs, **kw):
         info = featstore.reader.get_worker_info()
         if os.getpid() != parent and info is not None and should_kill(item.key, info.num_workers):
             os.kill(os.getpid(), signal.SIGKILL)
-        return real(item, **kw)
+        return real(item, specs, **kw)
 
-    monkeypatch.setattr(featstore.reader, "load_sample", load_sample)
+    monkeypatch.setattr(featstore.reader, "load_views", load_views)
 
 
 def _options(model: str, workers: int = 2) -> BuildOptions:
