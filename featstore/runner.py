@@ -47,9 +47,9 @@ class RunResult:
     """What a run did; also the progress snapshot passed after each batch."""
 
     total: int = 0  # images in the unit
-    encoded: int = 0  # images handed to the writers (committed once the run returns)
+    encoded: int = 0  # images decoded and handed to the models (their rows committed once the run returns)
     decode_failures: int = 0  # images the reader could not use
-    failures: list[Failure] = field(default_factory=list)  # with those given to `run`
+    lanes: list[LaneResult] = field(default_factory=list)  # per model: rows encoded, its failures
     seconds: float = 0.0  # since the run started; at the end, including the commit
     stages: StageTimes = field(default_factory=StageTimes)
     finished: bool = False  # the writers are closed
@@ -57,6 +57,17 @@ class RunResult:
     @property
     def images_per_second(self) -> float:
         return self.encoded / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def failures(self) -> list[Failure]:
+        """Every model's failures, each image once (the first model's order first)."""
+        if len(self.lanes) == 1:
+            return self.lanes[0].failures
+        seen: dict[str, Failure] = {}
+        for lane in self.lanes:
+            for f in lane.failures:
+                seen.setdefault(f.key, f)
+        return list(seen.values())
 
 
 ProgressFn = Callable[[RunResult], None]
@@ -106,11 +117,10 @@ def _to_host(features: torch.Tensor) -> Callable[[], np.ndarray]:
 
 
 class _WriterThread:
-    """Runs the writers off the main thread; the queue bound caps memory."""
+    """Runs one model's writers off the main thread; the queue bound caps memory."""
 
-    def __init__(self, writers: Sequence[Writer], stages: StageTimes, depth: int = 4) -> None:
-        self.writers = writers
-        self.stages = stages
+    def __init__(self, writers: Sequence[Writer], stages: StageTimes, lane: int = 0, depth: int = 4) -> None:
+        self.writers, self.stages, self.lane = writers, stages, lane
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="featstore-writer", daemon=True)
@@ -125,10 +135,11 @@ class _WriterThread:
                 continue
             try:
                 if isinstance(job, UnitMark):  # a distributed build's unit starts or ends
-                    for w in self.writers:
+                    state = job.unit[self.lane]  # this model's state of the unit (None: its store has it)
+                    for w in self.writers if state is not None else ():
                         hook = getattr(w, "begin_unit" if job.start else "end_unit", None)
                         if hook is not None:
-                            hook(job.unit)
+                            hook(state)
                     continue
                 batch, features, embedding = job
                 if features is not None:
@@ -167,6 +178,27 @@ class _WriterThread:
             raise self.error
 
 
+@dataclass(slots=True)
+class Lane:
+    """One model of a run: its encoder and writers, and which images it needs.
+
+    `needs` None: every image of the stream (a build of one model). A build of several
+    gives each model the keys its outputs lack; a distributed build adds each unit's
+    as it takes the unit (the keys of units are disjoint). A batch's failures go to the
+    lanes that needed those images; `failures` (found before the run) to this lane."""
+
+    encoder: Encoder
+    writers: Sequence[Writer]
+    needs: set[str] | None = None
+    failures: Sequence[Failure] = ()
+
+
+@dataclass(slots=True)
+class LaneResult:
+    encoded: int = 0
+    failures: list[Failure] = field(default_factory=list)
+
+
 def run(
     batches: Iterable[ImageBatch | UnitMark],
     encoder: Encoder,
@@ -177,21 +209,37 @@ def run(
     progress: ProgressFn | None = None,
     stop: StopRequest | None = None,
 ) -> RunResult:
-    """Encode `batches` and feed every writer; `failures` (found before the run) are recorded too.
+    """Encode `batches` with one model and feed every writer (see `run_lanes`)."""
+    lane = Lane(encoder, writers, failures=failures)
+    return run_lanes(batches, [lane], total=total, progress=progress, stop=stop)
 
-    A `UnitMark` in the stream reaches the writers' `begin_unit` / `end_unit` in order
-    with the batches (a distributed build's work units). Writers are closed (committing
-    what was written) also when stopped or failing.
-    `progress` gets the running result after each batch and once more after the commit.
+
+def run_lanes(
+    batches: Iterable[ImageBatch | UnitMark],
+    lanes: Sequence[Lane],
+    *,
+    total: int = 0,
+    progress: ProgressFn | None = None,
+    stop: StopRequest | None = None,
+) -> RunResult:
+    """Encode `batches` (input `i` of each batch by model `i`) and feed each model's writers.
+
+    A `UnitMark` in the stream (its `unit`: one state per lane) reaches the writers'
+    `begin_unit` / `end_unit` in order with the batches (a distributed build's work
+    units). Writers are closed (committing what was written) also when stopped or
+    failing. `progress` gets the running result after each batch and once more after
+    the commit.
     """
-    result = RunResult(total=total, failures=list(failures))
+    result = RunResult(total=total, lanes=[LaneResult(failures=list(lane.failures)) for lane in lanes])
     stages = result.stages
     start = time.perf_counter()
     source = iter(batches)
-    thread = _WriterThread(writers, stages)
-    for w in writers:
-        w.record_failures(result.failures)
+    threads: list[_WriterThread] = []
     try:
+        for i, lane in enumerate(lanes):
+            threads.append(_WriterThread(lane.writers, stages, lane=i))
+            for w in lane.writers:
+                w.record_failures(lane.failures)
         while not (stop and stop.requested):
             t0 = time.perf_counter()
             try:
@@ -205,19 +253,24 @@ def run(
             t1 = time.perf_counter()
             stages.decode_wait += t1 - t0
             if isinstance(batch, UnitMark):
-                thread.put(batch)
+                for thread in threads:
+                    thread.put(batch)
                 continue
             if stop and stop.requested:  # a batch that arrived after the stop is left for the next run
                 break
-            result.failures.extend(batch.failures)
             result.decode_failures += len(batch.failures)
-            if batch.items:
-                features, embedding = encode_splitting(encoder, batch.pixels)
-                stages.encode += time.perf_counter() - t1
-                thread.put(batch, _to_host(features), None if embedding is None else _to_host(embedding))
-                result.encoded += len(batch.items)
-            elif batch.failures:
-                thread.put(batch)
+            result.encoded += len(batch.items)
+            for i, (lane, thread, done) in enumerate(zip(lanes, threads, result.lanes, strict=True)):
+                part = batch if len(lanes) == 1 and lane.needs is None else batch.for_model(i, lane.needs)
+                done.failures.extend(part.failures)
+                if part.items:
+                    t2 = time.perf_counter()
+                    features, embedding = encode_splitting(lane.encoder, part.pixels)
+                    stages.encode += time.perf_counter() - t2
+                    thread.put(part, _to_host(features), None if embedding is None else _to_host(embedding))
+                    done.encoded += len(part.items)
+                elif part.failures:
+                    thread.put(part)
             result.seconds = time.perf_counter() - start
             if progress:
                 progress(result)
@@ -226,13 +279,21 @@ def run(
         if close_source is not None:
             close_source()  # shuts the decode workers down now, not when garbage-collected
         t0 = time.perf_counter()
+        errors: list[BaseException] = []
+        for thread in threads:
+            try:
+                thread.finish()
+            except BaseException as e:
+                errors.append(e)
         try:
-            thread.finish()
+            for lane in lanes:
+                for w in lane.writers:
+                    w.close()
         finally:
-            for w in writers:
-                w.close()
             stages.commit = time.perf_counter() - t0
             result.seconds = time.perf_counter() - start
+        if errors:
+            raise errors[0]
     result.finished = True
     if progress:
         progress(result)
