@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Generator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from featstore.batches import ImageBatch, ImageItem, UnitMark, Writer
+from featstore.batches import Failure, ImageBatch, ImageItem, UnitMark, Writer
+from featstore.errors import ConfigError
 from featstore.launch import Share
 from featstore.reader import ImageReader
 from featstore.signals import StopRequest
@@ -50,6 +51,33 @@ def listing_plan(keys: Sequence[str], unit_images: int) -> Plan:
 
 
 @dataclass
+class ModelUnits:
+    """One model's side of a distributed build: its store's handle (None: per-image files
+    only), its writers, the keys it needs (grown unit by unit, read by the runner's
+    lane) and the keys its per-image files cannot take."""
+
+    store: UnitStore | None
+    writers: Sequence[Writer]
+    needs: set[str] = field(default_factory=set)
+    excluded: set[str] = field(default_factory=set)
+    plan: Plan | None = None  # its store's plan (the same units as every other model's)
+
+    @property
+    def unit_store(self) -> UnitStore:
+        assert self.store is not None, "a model without a store"
+        return self.store
+
+    @property
+    def store_plan(self) -> Plan:
+        assert self.plan is not None, "a store without its plan"
+        return self.plan
+
+    def unit_id(self, u: int) -> int:
+        """Unit `u` of the build as this model's store names it."""
+        return self.store_plan.unit_id(u)
+
+
+@dataclass
 class SchedulerStats:
     units: int = 0  # units this process took
     stolen: int = 0  # of them, outside its own block
@@ -59,24 +87,70 @@ class SchedulerStats:
 
 
 class Scheduler:
+    """Takes this process's units and streams them to the runner. With several models,
+    one unit is the same images for all of them: the first model with a store holds
+    the leases, and a unit is finished when every model's store has finished it."""
+
     def __init__(
         self,
         plan: Plan,
         items: Sequence[ImageItem],
         share: Share,
         *,
-        store: UnitStore | None,
-        writers: Sequence[Writer],
+        models: Sequence[ModelUnits],
         stop: StopRequest | None = None,
         poll_s: float = POLL_S,
     ) -> None:
         """`items`: the plan's items in its order (the listing, or the plan's own keys)."""
         self.plan, self.items, self.share = plan, list(items), share
-        self.store, self.writers, self.stop = store, writers, stop
+        self.models, self.stop = list(models), stop
+        self.stores = [m for m in self.models if m.store is not None]
         self.poll_s = poll_s
         self.stats = SchedulerStats()
         own = block(share, plan.units)
         self._own_left = {u: len(range(*plan.unit_slice(u).indices(len(self.items)))) for u in own}
+
+    @classmethod
+    def for_build(
+        cls,
+        items: Sequence[ImageItem],
+        failures: Sequence[Failure],
+        models: Sequence[ModelUnits],
+        share: Share,
+        stop: StopRequest | None,
+        unit_images: int,
+    ) -> Scheduler:
+        """The build's plan (its stores', or the listing's without one) and this process's scheduler."""
+        keys = [it.key for it in items if not all(it.key in m.excluded for m in models)]
+        stores = [m for m in models if m.store is not None]
+        if not stores:
+            by_key = {it.key: it for it in items}
+            return cls(listing_plan(keys, unit_images), [by_key[k] for k in keys], share, models=models, stop=stop)
+        # units are whole shards of every store: a multiple of the largest shard (powers of two)
+        largest = max(m.unit_store.shard_rows for m in stores)
+        unit_images = -(-unit_images // largest) * largest
+        for m in stores:
+            m.plan = m.unit_store.plan(keys, failures, unit_images)
+        plan = stores[0].store_plan
+        for m in stores[1:]:
+            other = m.store_plan
+            if (other.count, other.unit_rows, other.keys) != (plan.count, plan.unit_rows, plan.keys):
+                raise ConfigError(
+                    f"{m.unit_store.location} and {stores[0].unit_store.location} are at different points "
+                    "(one holds images the other lacks, or an unfinished build of other images): a distributed "
+                    "build of several models needs them alike; build them one model at a time, or from one process"
+                )
+        if plan.keys is None:
+            planned = list(items)
+        else:
+            by_key = {it.key: it for it in items}
+            planned = [by_key[k] for k in plan.keys]
+        return cls(plan, planned, share, models=models, stop=stop)
+
+    @property
+    def plans(self) -> list[Plan | None]:
+        """Each model's store's plan (None: no store)."""
+        return [m.plan for m in self.models]
 
     def expected(self) -> int:
         """Images this process is expected to hand the reader: those of the units it took,
@@ -85,7 +159,7 @@ class Scheduler:
 
     def order(self) -> list[int]:
         own = block(self.share, self.plan.units)
-        if not self.share.steal or self.store is None:
+        if not self.share.steal or not self.stores:
             return list(own)
         return list(own) + [u for u in reversed(range(self.plan.units)) if u not in own]
 
@@ -100,7 +174,7 @@ class Scheduler:
         encoded, so the model does not wait for workers to start at each unit. (So a
         process holds the leases of two units at a time.)"""
         units = self._units()
-        ahead: tuple[UnitState, Iterator[ImageBatch]] | None = None
+        ahead: tuple[Taken, Iterator[ImageBatch]] | None = None
         batches: Iterator[ImageBatch] = iter(())
         try:
             while not self._stopped():
@@ -108,13 +182,14 @@ class Scheduler:
                     ahead = self._next(units, reader, block=True)
                     if ahead is None:
                         return
-                (state, batches), ahead = ahead, None
-                yield UnitMark(state, start=True)
+                (taken, batches), ahead = ahead, None
+                yield UnitMark(taken.states, start=True)
                 for batch in batches:
                     if ahead is None and not self._stopped():  # before the batch goes to the encoder
                         ahead = self._next(units, reader, block=False)
                     yield batch
-                yield UnitMark(state, start=False)
+                yield UnitMark(taken.states, start=False)
+                self._release(taken.release, taken.index)
         finally:  # stopped: shut the decode workers down now (a unit taken ahead is released at close)
             for it in (batches, ahead[1] if ahead is not None else iter(())):
                 close = getattr(it, "close", None)
@@ -123,12 +198,12 @@ class Scheduler:
             units.close()
 
     def _next(
-        self, units: Iterator[UnitState | None], reader: ImageReader, *, block: bool
-    ) -> tuple[UnitState, Iterator[ImageBatch]] | None:
+        self, units: Iterator[Taken | None], reader: ImageReader, *, block: bool
+    ) -> tuple[Taken, Iterator[ImageBatch]] | None:
         """The next unit taken and its batches (started), or None: none left, or (without
         `block`) none to take right now."""
-        for state in units:
-            if state is None:  # every unit left is held by another process
+        for taken in units:
+            if taken is None:  # every unit left is held by another process
                 if not block:
                     return None
                 t0 = time.monotonic()
@@ -137,20 +212,27 @@ class Scheduler:
                 if self._stopped():
                     return None
                 continue
-            todo = self._todo(state)
+            todo = self._todo(taken)
             self.stats.images += len(todo)
-            self.stats.planned += len(state.items)
-            return state, reader.start(todo) if todo else iter(())
+            self.stats.planned += len(taken.items)
+            return taken, reader.start(todo) if todo else iter(())
         return None
 
-    def _units(self) -> Generator[UnitState | None, None, None]:
+    def _finished(self) -> set[int]:
+        """Units of the plan every model's store has finished."""
+        done = set(range(self.plan.units))
+        for m in self.stores:
+            ids = m.unit_store.finished()
+            done &= {u for u in done if m.unit_id(u) in ids}
+        return done
+
+    def _units(self) -> Generator[Taken | None, None, None]:
         """Units as this process takes them (in `order`); None whenever all the units left
         are held by others (the caller waits and asks again)."""
-        store = self.store
-        finished = store.finished() if store is not None else set()
-        remaining = [u for u in self.order() if self.plan.unit_id(u) not in finished]
+        finished = self._finished() if self.stores else set()
+        remaining = [u for u in self.order() if u not in finished]
         for u in list(self._own_left):
-            if self.plan.unit_id(u) in finished:
+            if u in finished:
                 del self._own_left[u]
         own = block(self.share, self.plan.units)
         while remaining:
@@ -161,7 +243,7 @@ class Scheduler:
                     self._own_left.pop(u, None)
                 if state == "held":
                     held.append(u)
-                elif isinstance(state, UnitState):
+                elif isinstance(state, Taken):
                     self.stats.units += 1
                     self.stats.stolen += u not in own
                     yield state
@@ -174,24 +256,62 @@ class Scheduler:
         while time.monotonic() < end and not self._stopped():
             time.sleep(min(0.05, seconds))
 
-    def _take(self, u: int) -> UnitState | str | None:
-        """The unit's state if this process now owns it; "held" if another does; None if finished."""
-        items = self.items[self.plan.unit_slice(u)]
-        store = self.store
-        if store is None:
-            return UnitState(self.plan, u, items, [])
-        uid = self.plan.unit_id(u)
-        if not store.leases.acquire(uid):
-            return "held"
-        if store.is_finished(uid):  # finished (the process's first listing said which were)
-            store.leases.release(uid)
-            return None
-        return store.unit_state(self.plan, u, items)
+    def _take(self, u: int) -> Taken | str | None:
+        """The unit if this process now owns it; "held" if another does; None if finished.
 
-    def _todo(self, state: UnitState) -> list[ImageItem]:
-        keys = [it.key for it in state.items]
-        needed: set[str] = set(keys) - state.done_keys if self.store is not None else set()
-        for w in self.writers:
-            if not hasattr(w, "begin_unit"):  # per-image files: theirs to say
-                needed |= w.pending(keys)
-        return [it for it in state.items if it.key in needed]
+        The first store's lease is the unit's (every process of the build takes it
+        first); then each store that has not finished the unit is leased too, so its
+        writer owns its shards as in a build of one model. A store that has finished
+        the unit gets no state: its model needs nothing of it."""
+        items = self.items[self.plan.unit_slice(u)]
+        if not self.stores:
+            return Taken(u, items, tuple(None for _ in self.models))
+        lead = self.stores[0]
+        uid = self.plan.unit_id(u)
+        if not lead.unit_store.leases.acquire(uid):
+            return "held"
+        unfinished = [m for m in self.stores if not m.unit_store.is_finished(m.unit_id(u))]
+        leased = [lead]
+        for m in unfinished:
+            if m is not lead and not m.unit_store.leases.acquire(m.unit_id(u)):
+                self._release(leased, u)  # another build writes that store now
+                return "held"
+            leased.append(m)
+        if not unfinished:  # finished (the process's first listing said which were)
+            self._release(leased, u)
+            return None
+        states = tuple(
+            m.unit_store.unit_state(m.store_plan, u, items) if m in unfinished else None for m in self.models
+        )
+        return Taken(u, items, states, release=() if lead in unfinished else (lead,))
+
+    @staticmethod
+    def _release(models: Sequence[ModelUnits], u: int) -> None:
+        for m in models:
+            m.unit_store.leases.release(m.unit_id(u))
+
+    def _todo(self, taken: Taken) -> list[ImageItem]:
+        """The unit's images some model still needs; each model's needs grow by its own."""
+        keys = [it.key for it in taken.items]
+        every: set[str] = set()
+        for m, state in zip(self.models, taken.states, strict=True):
+            allowed = [k for k in keys if k not in m.excluded]
+            needed = set(allowed) - state.done_keys if state is not None else set()
+            for w in m.writers:
+                if not hasattr(w, "begin_unit"):  # per-image files: theirs to say
+                    needed |= w.pending(allowed)
+            m.needs |= needed
+            every |= needed
+        return [it for it in taken.items if it.key in every]
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """A unit this process owns: its images and each model's state of it (None: no store)."""
+
+    index: int
+    items: list[ImageItem]
+    states: tuple[UnitState | None, ...]
+    # leases to release once its batches are out: the first store's, when that store had
+    # finished the unit (the other stores' writers release their own as they commit it)
+    release: tuple[ModelUnits, ...] = ()

@@ -1,13 +1,20 @@
 """`build`: the public entry that turns images (a folder, or any input of
 `featstore.sources`: an object-storage prefix, tar shards, a file list) into per-image
-files and/or a store.
+files and/or a store, for one model or several at once.
 
-It lists the input's images (`Source.discover`), checks the options and outputs, loads
-the model (`featstore.loading`) into a `PatchEncoder`, opens the writers
-(`featstore.npy`, `featstore.store.writer`), and hands the images still to do to the
-reader (`featstore.reader`) and the runner (`featstore.runner`): a single process as
-one work unit; one process of a distributed build (torchrun, SLURM, `--shard`; see
-`featstore.launch`) unit by unit, as its `featstore.distributed.Scheduler` takes them.
+`build` is a short composition; to follow one image from the listing to its rows:
+
+1. `plan_build`: every option and output checked, this process's share of the work
+   (`featstore.launch`), the input listed (`Source.discover`). No model yet, nothing created.
+2. `load_encoders`: each model (`featstore.loading`) as a `PatchEncoder` on the device.
+3. `open_outputs`: each model's writers (`featstore.npy`, `featstore.store.writer`).
+4. The work: `single_process_work` (one unit: every image some model's outputs lack)
+   or `distributed_work` (this process's units of the store's plan, as its
+   `featstore.distributed.Scheduler` takes them). The only place the two differ.
+5. The reader (`featstore.reader`) decodes each image once and prepares it for every
+   model; the runner (`featstore.runner.run_lanes`) encodes each model's rows and feeds
+   its writers, which commit as they go.
+
 `build(..., encoder=...)` takes any `ModelEncoder` instead of loading a model: the seam
 for tests and benchmarks.
 """
@@ -16,16 +23,17 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack, nullcontext, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from featstore.batches import EncodingInfo, Failure, Writer
-from featstore.distributed import Scheduler, block, listing_plan
+from featstore import memory
+from featstore.batches import EncodingInfo, Failure, ImageBatch, ImageItem, UnitMark, Writer
+from featstore.distributed import ModelUnits, Scheduler
 from featstore.encoder import Encoded, Encoder, PatchEncoder
 from featstore.errors import BuildInterrupted, ConfigError
 from featstore.imagecheck import DEFAULT_MAX_IMAGE_BYTES
@@ -35,15 +43,17 @@ from featstore.loading import LoadedModel, check_preset_options, load_model
 from featstore.npy import FAILURES_FILE, NpyWriter
 from featstore.outputs import check_outputs
 from featstore.reader import ImageReader
-from featstore.runner import ProgressFn, RunResult, StageTimes, output_error, run
+from featstore.runner import Lane, ProgressFn, RunResult, StageTimes, output_error, run_lanes
+from featstore.samples import InputSpec
 from featstore.signals import StopRequest
 from featstore.sources import Source, as_source
-from featstore.store.guard import StartGuard
-from featstore.store.location import as_location
+from featstore.store.guard import StartGuard, output_identity
+from featstore.store.location import Location, as_location
 from featstore.store.plans import DEFAULT_UNIT_IMAGES
 from featstore.store.units import UnitStore
+from featstore.store.writer import has_open_plan, refuse_busy_store
 
-__all__ = ["BuildOptions", "BuildResult", "ModelEncoder", "build"]
+__all__ = ["BuildOptions", "BuildResult", "ModelEncoder", "ModelResult", "Target", "build"]
 
 
 class ModelEncoder(Encoder, Protocol):
@@ -85,6 +95,21 @@ class BuildOptions:
 
 
 @dataclass(slots=True)
+class ModelResult:
+    """One model's part of a build of several."""
+
+    name: str
+    outputs: str  # its store and/or per-image folder
+    encoded: int = 0
+    skipped: int = 0  # images its outputs had already
+    failures: list[Failure] = field(default_factory=list)
+
+    def summary(self) -> str:
+        failed = len(self.failures)
+        return f"{self.name} -> {self.outputs}: encoded {self.encoded}, skipped {self.skipped}, failed {failed}"
+
+
+@dataclass(slots=True)
 class BuildResult:
     total: int = 0
     encoded: int = 0
@@ -103,6 +128,7 @@ class BuildResult:
     wait_seconds: float = 0.0  # distributed: waiting for units other processes held
     finalize_seconds: float = 0.0  # distributed with a store: checking for and doing the finalize
     lease_requests: int = 0  # distributed with a store: lease operations (creates, reads, renewals, ...)
+    models: list[ModelResult] = field(default_factory=list)  # a build of several models: each one's part
 
     @property
     def failed(self) -> int:
@@ -113,8 +139,15 @@ class BuildResult:
         return self.encoded / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self) -> str:
+        """One line (a build of several models: then one more per model)."""
+        return self._line() + "".join("\n  " + m.summary() for m in self.models)
+
+    def _line(self) -> str:
+        done = (
+            f"decoded {self.encoded} once for {len(self.models)} models" if self.models else f"encoded {self.encoded}"
+        )
         line = (
-            f"encoded {self.encoded}, skipped {self.skipped}, failed {self.failed} "
+            f"{done}, skipped {self.skipped}, failed {self.failed} "
             f"in {self.seconds:.1f} s ({self.images_per_second:.1f} images/s); "
             f"start-up {self.startup_seconds:.1f} s"
         )
@@ -234,7 +267,67 @@ def _with_resizer(loaded: LoadedModel, resizer: str) -> LoadedModel:
     return replace(loaded, spec=replace(loaded.spec, preprocess=new))
 
 
-# ---------------------------------------------------------------- checks before the model loads
+# ---------------------------------------------------------------- the plan: checks and listing, before any model
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One model of a build and where its features go. `build` makes the first of its own
+    arguments; `build(..., also=[Target(...), ...])` adds more models, all encoded from
+    one decode of each image. A target's `options` give its model's own settings
+    (model, preset, size, precision, clip_output, layers, norm, embedding, resizer,
+    compile); the settings of the build as a whole (device, batch size, workers,
+    overwrite, recursive, limits) are the first target's."""
+
+    options: BuildOptions
+    store: str | os.PathLike[str] | Location | None = None
+    npy_dir: str | os.PathLike[str] | None = None
+    encoder: ModelEncoder | None = None  # replaces loading options.model (tests, benchmarks)
+    loaded: LoadedModel | None = None  # a model loaded already
+
+    @property
+    def name(self) -> str:
+        o = self.options
+        return o.model or (f"--preset {o.preset}" if o.preset else "the model")
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What `build` knows before it loads a model: checked targets and outputs, this
+    process's share, the listing and what failed in it. Creates nothing."""
+
+    targets: list[Target]
+    stores: list[Location | None]
+    npy_dirs: list[Path | None]
+    share: Share
+    source: Source
+    items: list[ImageItem]  # usable names, in the listing's order
+    failures: list[Failure]  # found while listing, and unusable names: every model's
+    excluded: list[dict[str, Failure]]  # per model: keys its per-image files cannot take (a.png beside a.jpg)
+
+    @property
+    def options(self) -> BuildOptions:  # the build's shared settings
+        return self.targets[0].options
+
+    def guards(self) -> ExitStack:
+        """Held from before the models load to the end: a second build of one of these
+        stores started at the same instant on this machine is refused now, not once its
+        model has loaded (distributed builds share their stores through leases)."""
+        stack = ExitStack()
+        try:
+            for where in self.stores:
+                if where is not None and not self.share.distributed:
+                    stack.enter_context(StartGuard(where))
+        except BaseException:
+            stack.close()
+            raise
+        return stack
+
+    def keys_for(self, m: int) -> list[str]:
+        return [it.key for it in self.items if it.key not in self.excluded[m]]
+
+    def failures_for(self, m: int) -> list[Failure]:
+        return self.failures + list(self.excluded[m].values())
 
 
 def _check_options(options: BuildOptions) -> None:
@@ -247,12 +340,72 @@ def _check_options(options: BuildOptions) -> None:
     resolve_device(options.device)
 
 
-# ---------------------------------------------------------------- distributed builds
+def _check_distinct(targets: list[Target], stores: list[Location | None], npy_dirs: list[Path | None]) -> None:
+    """Two models never write one output."""
+    seen: dict[str, str] = {}
+    outputs = [(s.url, output_identity(s)) if s else (None, None) for s in stores]
+    outputs += [(str(n), os.path.realpath(n)) if n else (None, None) for n in npy_dirs]
+    for i, (shown, identity) in enumerate(outputs):
+        if identity is None:
+            continue
+        name = targets[i % len(targets)].name
+        if identity in seen:
+            raise ConfigError(
+                f"{shown} is the output of both {seen[identity]} and {name}: give each model its own "
+                "--store / --npy-dir"
+            )
+        seen[identity] = name
 
 
-def _distributed_options(options: BuildOptions, share: Share, store: Any) -> BuildOptions:
+def plan_build(input_dir: str | os.PathLike[str] | Source, targets: list[Target], share: Share | None) -> _Plan:
+    """Check every option and output and list the input: one line for anything wrong,
+    before a model loads or an output is created."""
+    several = len(targets) > 1
+    for t in targets:
+        if t.store is None and t.npy_dir is None:
+            raise ConfigError(f"nothing to write{' for ' + t.name if several else ''}: give --npy-dir, --store or both")
+        _check_options(t.options)
+    stores = [as_location(t.store) if t.store is not None else None for t in targets]
+    npy_dirs = [Path(t.npy_dir) if t.npy_dir is not None else None for t in targets]
+    _check_distinct(targets, stores, npy_dirs)
+    for where, npy in zip(stores, npy_dirs, strict=True):
+        check_outputs(where, npy)
+    share = share if share is not None else detect_share()
+    overwrite = targets[0].options.overwrite
+    if not share.distributed and not overwrite and any(w is not None and has_open_plan(w) for w in stores):
+        share = Share(launcher="resume")  # finish the distributed build's units, in their order
+    if share.distributed:
+        targets = [
+            replace(t, options=_distributed_options(t.options, share, w)) for t, w in zip(targets, stores, strict=True)
+        ]
+    options = targets[0].options
+    source = input_dir if isinstance(input_dir, Source) else as_source(input_dir, recursive=options.recursive)
+    found = source.discover()  # missing shards, samples without an image, ...: failures, by name
+    if not found.items:
+        if found.failures:
+            first = found.failures[0]
+            raise ConfigError(f"{source.no_images()}; {len(found.failures)} failed, first {first.key}: {first.reason}")
+        raise source.no_images()
+    for where in stores:
+        if where is not None:
+            refuse_busy_store(where, leases=not share.distributed)
+    bad_names = unusable_names(found.items)  # not UTF-8, backslash: refused per file
+    items = [it for it in found.items if it.key not in bad_names]
+    clashes = output_collisions(items) if any(npy_dirs) else {}
+    # a.png and a.jpg would both write a.npy: the later one is refused where a model writes per-image files
+    collided = {
+        k: Failure(k, f"output name collides with {first!r} (both write the same .npy)") for k, first in clashes.items()
+    }
+    excluded = [collided if npy is not None else {} for npy in npy_dirs]
+    if all(excluded):  # no model takes those images: not even read
+        items = [it for it in items if not all(it.key in ex for ex in excluded)]
+    failures = found.failures + list(bad_names.values())
+    return _Plan(targets, stores, npy_dirs, share, source, items, failures, excluded)
+
+
+def _distributed_options(options: BuildOptions, share: Share, store: Location | None) -> BuildOptions:
     """Checks and per-process defaults of a distributed build (see `featstore.launch`)."""
-    if store is not None and str(store).lower().endswith((".h5", ".hdf5")):
+    if store is not None and store.format == "hdf5":
         raise ConfigError(
             "an HDF5 store is one local file written by one process: write a .zarr store from several processes "
             "(`featstore convert` makes an .h5 of it afterwards)"
@@ -269,19 +422,90 @@ def _distributed_options(options: BuildOptions, share: Share, store: Any) -> Bui
     return options
 
 
-def _with_expected_total(update: ProgressFn, scheduler: Scheduler) -> ProgressFn:
-    def progress(run: RunResult) -> None:
-        run.total = scheduler.expected()  # grows when the process takes others' units
-        update(run)
-
-    return progress
+# ---------------------------------------------------------------- the models and their outputs
 
 
-def _close(writers: list[Writer], unit_store: UnitStore | None) -> None:
-    for w in writers:
-        w.close()
-    if unit_store is not None:
-        unit_store.close()
+def load_encoders(plan: _Plan, say: Callable[[str], None], stop: StopRequest) -> list[ModelEncoder]:
+    """Every model of the plan on its device (all of them at once), checked against the
+    device's memory when there are several."""
+    encoders: list[ModelEncoder] = []
+    for t, where in zip(plan.targets, plan.stores, strict=True):
+        encoder = t.encoder
+        if encoder is None:
+            say(f"loading model {t.name} ...")
+            # stores keep the pooled embedding by default; per-image files only when asked (--embedding)
+            keep = t.options.embedding if where is not None else (t.options.embedding or False)
+            try:
+                encoder = model_encoder(t.options, t.loaded, embedding=keep)
+            except torch.OutOfMemoryError:
+                raise ConfigError(memory.no_room_to_load(t.name, [e.info.model for e in encoders])) from None
+        size = encoder.info.size
+        if t.options.size is not None and t.options.size != size:
+            raise ConfigError(f"--size {t.options.size} disagrees with the encoder's size {size}")
+        encoders.append(encoder)
+        if stop.requested:  # during a model load: nothing opened yet
+            raise BuildInterrupted(stop.signum or 0, 0)
+    if len(encoders) > 1:
+        memory.check_fits(encoders, plan.options.batch_size)
+    return encoders
+
+
+@dataclass(slots=True)
+class _Outputs:
+    """One model's writers (in the order they are fed), and its store's handle in a distributed build."""
+
+    writers: list[Writer] = field(default_factory=list)
+    unit_store: UnitStore | None = None
+
+    def close(self) -> None:
+        for w in self.writers:
+            w.close()
+        if self.unit_store is not None:
+            self.unit_store.close()
+
+
+def open_outputs(plan: _Plan, encoders: list[ModelEncoder], save_meta: bool) -> list[_Outputs]:
+    """Each model's writers, created or opened now (everything was checked before)."""
+    from featstore import __version__
+    from featstore.store.writer import open_store_writer, open_unit_store
+
+    opened: list[_Outputs] = []
+    try:
+        for t, where, npy, encoder in zip(plan.targets, plan.stores, plan.npy_dirs, encoders, strict=True):
+            out = _Outputs()
+            opened.append(out)
+            if where is not None and plan.share.distributed:
+                out.unit_store = open_unit_store(where, encoder.info, featstore_version=__version__)
+                out.writers.append(out.unit_store.writer_stage())
+            elif where is not None:
+                writer = open_store_writer(
+                    where, encoder.info, overwrite=plan.options.overwrite, featstore_version=__version__
+                )
+                out.writers.append(writer)
+            if npy is not None:
+                # per-image files keep the original layout: `_embedding.npy` only when asked for
+                out.writers.append(
+                    NpyWriter(
+                        npy,
+                        encoder.info,
+                        save_meta=save_meta,
+                        overwrite=plan.options.overwrite,
+                        embedding=t.options.embedding is True,
+                        failures_file=_failures_file(plan.share),
+                    )
+                )
+    except BaseException as e:
+        _close_all(opened)
+        if isinstance(e, OSError):
+            raise output_error(e) from None
+        raise
+    return opened
+
+
+def _close_all(outputs: list[_Outputs]) -> None:
+    for out in outputs:
+        with suppress(Exception):  # closing after a failure: the failure is what the user needs to see
+            out.close()
 
 
 def _failures_file(share: Share) -> str:
@@ -291,27 +515,74 @@ def _failures_file(share: Share) -> str:
     return f"{stem}.{share.rank}-of-{share.world}.jsonl"
 
 
-def _scheduler(
-    share: Share,
-    items: list[Any],
-    failures: list[Failure],
-    unit_store: UnitStore | None,
-    writers: list[Writer],
-    stop: StopRequest,
-    unit_images: int | None,
-) -> Scheduler:
-    """The plan of this build (the store's, or the listing's without one) and this process's scheduler."""
-    keys = [it.key for it in items]
+# ---------------------------------------------------------------- the work: all of it, or unit by unit
+
+
+@dataclass(slots=True)
+class _Work:
+    """What the runner is handed: each model's lane and the stream of batches."""
+
+    lanes: list[Lane]
+    total: int  # images to decode (a distributed process's first estimate)
+    stream: Callable[[ImageReader], Iterable[ImageBatch | UnitMark]]
+    scheduler: Scheduler | None = None
+    skipped: list[int] = field(default_factory=list)  # per model, images its outputs had (one process)
+
+
+def single_process_work(plan: _Plan, encoders: list[ModelEncoder], outputs: list[_Outputs]) -> _Work:
+    """One work unit: every image some model's outputs still lack."""
+    needs = []
+    for m, out in enumerate(outputs):
+        keys = plan.keys_for(m)
+        pending: set[str] = set()
+        for w in out.writers:
+            pending |= w.pending(keys)
+        needs.append(pending)
+    every = set().union(*needs)
+    todo = [it for it in plan.items if it.key in every]
+    one = len(outputs) == 1
+    lanes = [
+        Lane(enc, out.writers, None if one else need, plan.failures_for(m))
+        for m, (enc, out, need) in enumerate(zip(encoders, outputs, needs, strict=True))
+    ]
+    skipped = [len(plan.keys_for(m)) - len(need) for m, need in enumerate(needs)]
+    return _Work(lanes, len(todo), lambda reader: reader.batches(todo), skipped=skipped)
+
+
+def distributed_work(
+    plan: _Plan, encoders: list[ModelEncoder], outputs: list[_Outputs], stop: StopRequest, unit_images: int | None
+) -> _Work:
+    """This process's units of the build's plan, as the `Scheduler` takes them."""
+    models = [ModelUnits(out.unit_store, out.writers, excluded=set(plan.excluded[m])) for m, out in enumerate(outputs)]
+    lanes = [  # the scheduler grows each model's needs unit by unit
+        Lane(enc, out.writers, model.needs, plan.failures_for(m))
+        for m, (enc, out, model) in enumerate(zip(encoders, outputs, models, strict=True))
+    ]
     size = unit_images or DEFAULT_UNIT_IMAGES
-    if unit_store is None:
-        return Scheduler(listing_plan(keys, size), items, share, store=None, writers=writers, stop=stop)
-    plan = unit_store.plan(keys, failures, size)
-    if plan.keys is None:
-        planned = items
+    scheduler = Scheduler.for_build(plan.items, plan.failures, models, plan.share, stop, size)
+    return _Work(lanes, scheduler.expected(), scheduler.stream, scheduler=scheduler)
+
+
+def _reader(plan: _Plan, encoders: list[ModelEncoder]) -> ImageReader:
+    options, device, first = plan.options, encoders[0].device, encoders[0].info
+    if options.workers is not None:
+        workers = options.workers
+    elif plan.share.distributed:
+        workers = workers_for(plan.share, device.type == "cuda")
     else:
-        by_key = {it.key: it for it in items}
-        planned = [by_key[k] for k in plan.keys]
-    return Scheduler(plan, planned, share, store=unit_store, writers=writers, stop=stop)
+        workers = default_workers(device)
+    return ImageReader(
+        size=first.size,
+        grid=first.grid,
+        batch_size=options.batch_size or min(default_batch_size(device, e.info.hidden_dim) for e in encoders),
+        workers=workers,
+        pin=device.type == "cuda",
+        max_pixels=options.max_pixels,
+        max_bytes=options.max_image_bytes,
+        preprocess=encoders[0].preprocess,
+        remote=plan.source.remote,
+        also=tuple(InputSpec(e.info.size, e.info.grid, e.preprocess) for e in encoders[1:]),
+    )
 
 
 # ---------------------------------------------------------------- build
@@ -322,7 +593,7 @@ def build(
     options: BuildOptions,
     *,
     npy_dir: str | os.PathLike[str] | None = None,
-    store: str | os.PathLike[str] | None = None,
+    store: str | os.PathLike[str] | Location | None = None,
     save_meta: bool = False,
     progress_factory: Callable[[int], Any] | None = None,
     loaded: LoadedModel | None = None,
@@ -330,14 +601,16 @@ def build(
     log: Callable[[str], None] | None = None,
     share: Share | None = None,
     unit_images: int | None = None,
+    also: Sequence[Target] = (),
 ) -> BuildResult:
     """Encode every image of `input_dir` (a folder, or any `featstore.sources.Source`)
-    into per-image files and/or a store.
+    into per-image files and/or a store; `also`: more models, each into its own outputs,
+    from the same listing, read and decode of each image.
 
-    Images whose outputs exist are skipped. `encoder` replaces loading `options.model`
-    (`loaded` reuses a loaded model). `progress_factory(total)` returns a context manager
-    whose value is called with the runner's `RunResult` after each batch and after the
-    commit (the CLI passes a progress bar); `log` gets one-line status messages.
+    Images whose outputs exist are skipped (per model). `encoder` replaces loading
+    `options.model` (`loaded` reuses a loaded model). `progress_factory(total)` returns a
+    context manager whose value is called with the runner's `RunResult` after each batch
+    and after the commit (the CLI passes a progress bar); `log` gets one-line status messages.
 
     SIGINT, SIGTERM and SIGHUP (when called from the main thread) stop the build between
     batches: what was encoded is committed, then `BuildInterrupted` is raised.
@@ -347,177 +620,100 @@ def build(
     units of `unit_images` (see `featstore.distributed`).
     """
     started = time.perf_counter()
-    say = log or (lambda _msg: None)
-    if npy_dir is None and store is None:
-        raise ConfigError("nothing to write: give --npy-dir, --store or both")
-    _check_options(options)
-    where = as_location(store) if store is not None else None
-    check_outputs(where, Path(npy_dir) if npy_dir is not None else None)  # before the model loads
-    share = share if share is not None else detect_share()
-    if not share.distributed and store is not None and not options.overwrite:
-        from featstore.store.writer import has_open_plan
-
-        if has_open_plan(store):  # finish the distributed build's units, in their order
-            share = Share(launcher="resume")
-    if share.distributed:
-        options = _distributed_options(options, share, store)
-    source = input_dir if isinstance(input_dir, Source) else as_source(input_dir, recursive=options.recursive)
-    found = source.discover()  # missing shards, samples without an image, ...: failures, by name
-    items = found.items
-    if not items:
-        if found.failures:
-            first = found.failures[0]
-            raise ConfigError(f"{source.no_images()}; {len(found.failures)} failed, first {first.key}: {first.reason}")
-        raise source.no_images()
-    if store is not None:
-        from featstore.store.writer import refuse_busy_store
-
-        refuse_busy_store(store, leases=not share.distributed)  # before the model loads
-    # Held from before the model loads to the end: a second build of this store started at
-    # the same instant on this machine is refused now, not once its model has loaded.
-    guard = StartGuard(where) if where is not None and not share.distributed else nullcontext()
+    plan = plan_build(input_dir, [Target(options, store, npy_dir, encoder, loaded), *also], share)
     stop = StopRequest()
-    with guard, stop.handling_signals():
-        if encoder is None:
-            say(f"loading model {options.model} ...")
-            # stores keep the pooled embedding by default; per-image files only when asked (--embedding)
-            keep = options.embedding if store is not None else (options.embedding or False)
-            encoder = model_encoder(options, loaded, embedding=keep)
-        info = encoder.info
-        if options.size is not None and options.size != info.size:
-            raise ConfigError(f"--size {options.size} disagrees with the encoder's size {info.size}")
-        if stop.requested:  # during the model load: nothing opened yet
-            raise BuildInterrupted(stop.signum or 0, 0)
-
-        writers: list[Writer] = []
-        unit_store: UnitStore | None = None
+    with plan.guards(), stop.handling_signals():
+        encoders = load_encoders(plan, log or (lambda _msg: None), stop)
+        outputs = open_outputs(plan, encoders, save_meta)
         try:
-            if store is not None and share.distributed:
-                from featstore import __version__
-                from featstore.store.writer import open_unit_store
-
-                unit_store = open_unit_store(store, info, featstore_version=__version__)
-                writers.append(unit_store.writer_stage())
-            elif store is not None:
-                from featstore import __version__
-                from featstore.store.writer import open_store_writer
-
-                writers.append(
-                    open_store_writer(store, info, overwrite=options.overwrite, featstore_version=__version__)
-                )
-            if npy_dir is not None:
-                # per-image files keep the original layout: `_embedding.npy` only when asked for
-                writers.append(
-                    NpyWriter(
-                        Path(npy_dir),
-                        info,
-                        save_meta=save_meta,
-                        overwrite=options.overwrite,
-                        embedding=options.embedding is True,
-                        failures_file=_failures_file(share),
-                    )
-                )
+            if plan.share.distributed:  # the one place where the two kinds of build differ
+                work = distributed_work(plan, encoders, outputs, stop, unit_images)
+            else:
+                work = single_process_work(plan, encoders, outputs)
+            reader = _reader(plan, encoders)
+            startup = time.perf_counter() - started
+            with progress_factory(work.total) if progress_factory else nullcontext(None) as update:
+                if work.scheduler is not None and update is not None:
+                    update = _with_expected_total(update, work.scheduler)
+                ran = run_lanes(work.stream(reader), work.lanes, total=work.total, progress=update, stop=stop)
         except OSError as e:
-            _close(writers, unit_store)
+            _close_stores(outputs)
             raise output_error(e) from None
         except BaseException:
-            _close(writers, unit_store)
+            _close_stores(outputs)
             raise
+    result = _result(plan, encoders, work, ran, startup)
+    if work.scheduler is not None:
+        _finish_distributed(result, work.scheduler, outputs, stop)
+    if stop.signum is not None:
+        raise BuildInterrupted(stop.signum, result.encoded, result)
+    return result
 
-        bad_names = unusable_names(items)  # not UTF-8, backslash: refused per file
-        failures: list[Failure] = found.failures + list(bad_names.values())
-        items = [it for it in items if it.key not in bad_names]
-        if npy_dir is not None:  # a.png and a.jpg would both write a.npy: refuse the later one
-            clashes = output_collisions(items)
-            failures += [
-                Failure(k, f"output name collides with {first!r} (both write the same .npy)")
-                for k, first in clashes.items()
-            ]
-            items = [it for it in items if it.key not in clashes]
 
-        keys = [it.key for it in items]
-        scheduler = None
-        if share.distributed:
-            try:
-                scheduler = _scheduler(share, items, failures, unit_store, writers, stop, unit_images)
-            except BaseException:
-                _close(writers, unit_store)
-                raise
-            own = block(share, scheduler.plan.units)
-            todo = [it for u in own for it in scheduler.items[scheduler.plan.unit_slice(u)]]  # the first estimate
-        else:
-            pending: set[str] = set()
-            for w in writers:
-                pending |= w.pending(keys)
-            todo = [it for it in items if it.key in pending]  # one work unit: everything still to do
+def _close_stores(outputs: list[_Outputs]) -> None:
+    """After a failed run (whose writers the runner closed): the distributed stores' handles."""
+    for out in outputs:
+        if out.unit_store is not None:
+            out.unit_store.close()
 
-        device = encoder.device
-        reader = ImageReader(
-            size=info.size,
-            grid=info.grid,
-            batch_size=options.batch_size or default_batch_size(device, info.hidden_dim),
-            workers=(
-                options.workers
-                if options.workers is not None
-                else workers_for(share, device.type == "cuda")
-                if share.distributed
-                else default_workers(device)
-            ),
-            pin=device.type == "cuda",
-            max_pixels=options.max_pixels,
-            max_bytes=options.max_image_bytes,
-            preprocess=encoder.preprocess,
-            remote=source.remote,
+
+def _with_expected_total(update: ProgressFn, scheduler: Scheduler) -> ProgressFn:
+    def progress(run: RunResult) -> None:
+        run.total = scheduler.expected()  # grows when the process takes others' units
+        update(run)
+
+    return progress
+
+
+def _result(plan: _Plan, encoders: list[ModelEncoder], work: _Work, ran: RunResult, startup: float) -> BuildResult:
+    models = [
+        ModelResult(
+            name=encoder.info.model,
+            outputs=", ".join(str(o) for o in (where, npy) if o is not None),
+            encoded=lane.encoded,
+            skipped=work.skipped[m] if work.skipped else 0,
+            failures=lane.failures,
         )
-        startup = time.perf_counter() - started
-        progress_ctx = progress_factory(len(todo)) if progress_factory else nullcontext(None)
-        try:
-            with progress_ctx as update:
-                progress: ProgressFn | None = update
-                if scheduler is not None and update is not None:
-                    progress = _with_expected_total(update, scheduler)
-                ran: RunResult = run(
-                    scheduler.stream(reader) if scheduler is not None else reader.batches(todo),
-                    encoder,
-                    writers,
-                    total=len(todo),
-                    failures=failures,
-                    progress=progress,
-                    stop=stop,
-                )
-        except OSError as e:
-            if unit_store is not None:
-                unit_store.close()
-            raise output_error(e) from None
-        except BaseException:
-            if unit_store is not None:
-                unit_store.close()
-            raise
-
-    result = BuildResult(
-        total=len(items) + len(failures),
+        for m, (encoder, lane, where, npy) in enumerate(
+            zip(encoders, ran.lanes, plan.stores, plan.npy_dirs, strict=True)
+        )
+    ]
+    one = len(models) == 1
+    return BuildResult(
+        total=len(plan.items) + len(plan.failures),
         encoded=ran.encoded,
-        skipped=len(items) - len(todo),
+        skipped=models[0].skipped if one else len(plan.items) - work.total,
         failures=ran.failures,
         seconds=ran.seconds,
         startup_seconds=startup,
         stages=ran.stages,
-        info=info,
-        share=share,
+        info=encoders[0].info,
+        share=plan.share,
+        models=[] if one else models,
     )
-    if scheduler is not None:
-        stats = scheduler.stats
-        result.skipped = stats.planned - stats.images
-        result.units, result.stolen, result.wait_seconds = stats.units, stats.stolen, stats.waited_s
-        if unit_store is not None:
-            t0 = time.perf_counter()
-            try:
-                result.complete = unit_store.finalize(scheduler.plan) if stop.signum is None else False
-                result.units_finished, result.units_planned = unit_store.complete(scheduler.plan)
-                result.lease_requests = unit_store.leases.requests
-            finally:
-                unit_store.close()
-            result.finalize_seconds = time.perf_counter() - t0
-    if stop.signum is not None:
-        raise BuildInterrupted(stop.signum, result.encoded, result)
-    return result
+
+
+def _finish_distributed(result: BuildResult, scheduler: Scheduler, outputs: list[_Outputs], stop: StopRequest) -> None:
+    stats = scheduler.stats
+    result.skipped = stats.planned - stats.images
+    result.units, result.stolen, result.wait_seconds = stats.units, stats.stolen, stats.waited_s
+    stores = [
+        (out.unit_store, plan)
+        for out, plan in zip(outputs, scheduler.plans, strict=True)
+        if out.unit_store is not None and plan is not None
+    ]
+    if not stores:
+        return
+    t0 = time.perf_counter()
+    try:
+        complete, finished = True, []
+        for unit_store, plan in stores:
+            complete = (unit_store.finalize(plan) if stop.signum is None else False) and complete
+            finished.append(unit_store.complete(plan))
+            result.lease_requests += unit_store.leases.requests
+        result.complete = complete
+        result.units_finished, result.units_planned = min(finished)
+    finally:
+        for unit_store, _ in stores:
+            unit_store.close()
+    result.finalize_seconds = time.perf_counter() - t0

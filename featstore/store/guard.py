@@ -46,7 +46,7 @@ def _lock_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"featstore-locks-{os.getuid() if hasattr(os, 'getuid') else 0}"
 
 
-def _identity(location: Location) -> str:
+def output_identity(location: Location) -> str:
     # the same local store reached through a symlink or a relative path is one store
     return os.path.realpath(location.url) if location.is_local else location.url.rstrip("/")
 
@@ -56,7 +56,7 @@ class StartGuard:
 
     def __init__(self, location: Location) -> None:
         self.location = location
-        digest = hashlib.sha256(_identity(location).encode()).hexdigest()[:24]
+        digest = hashlib.sha256(output_identity(location).encode()).hexdigest()[:24]
         self.path = _lock_dir() / f"{digest}.lock"
         self.fd: int | None = None
 

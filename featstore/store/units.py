@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from featstore.batches import EncodingInfo, Failure
+from featstore.batches import EncodedBatch, EncodingInfo, Failure
 from featstore.errors import StoreError, StoreLockedError
 from featstore.store._blobs import Blobs, LocalBlobs, open_blobs
 from featstore.store._zarr_layout import Layout, _committed, _doc
@@ -406,6 +406,10 @@ class UnitStoreWriter(StoreWriter):
         self._state = state
         self._present = set(state.done_keys)  # what `pending` and `write` skip: the unit's committed keys
         self._unit.begin(state)
+
+    def write(self, batch: EncodedBatch) -> None:
+        if self._state is not None:  # no unit open: a unit this store has finished (another model's rows)
+            super().write(batch)
 
     def record_failures(self, failures: Sequence[Failure]) -> None:
         if self._state is not None:
