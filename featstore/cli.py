@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from featstore import __version__
+from featstore.cli_groups import GroupedCommand
 from featstore.errors import BuildInterrupted, FeatstoreError
 
 app = typer.Typer(
@@ -156,7 +157,21 @@ def _status_printer(quiet: bool) -> Any:
     return lambda msg: console.print(msg, markup=False)
 
 
-@app.command()
+BUILD_HELP = "\n\n".join(
+    [
+        "Encode every image of --input (or --files); skips images already done (resume by re-running).",
+        "Several models from one read and decode of each image: --model A --store a.zarr --model B --size 518 "
+        "--store b.zarr. Each --model (or --preset) starts a model; the --store, --npy-dir, --size, --precision, "
+        "--fp16, --clip-output, --layers, --norm, --embedding and --resizer after it are that model's. The other "
+        "options are the build's, given once.",
+        "Ctrl-C, SIGTERM or SIGHUP stop after the current batch, keeping what was encoded. Under torchrun or srun "
+        "(or with --shard I/N) each process encodes its part of the work; re-running the same command, with any "
+        "number of processes, finishes it.",
+    ]
+)
+
+
+@app.command(cls=GroupedCommand, help=BUILD_HELP)
 def build(
     ctx: typer.Context,
     model: Annotated[
@@ -164,7 +179,8 @@ def build(
         typer.Option(
             "--model",
             "-m",
-            help="Registered name (see `featstore models`), HF repo id, folder or .pt. With --preset: its weights.",
+            help="Registered name (see `featstore models`), HF repo id, folder or .pt. With --preset: its weights. "
+            "Repeat for several models, each followed by its own --store/--npy-dir (and options).",
         ),
     ] = None,
     input: Annotated[
@@ -297,12 +313,9 @@ def build(
         ),
     ] = None,
 ) -> None:
-    """Encode every image of --input (or --files); skips images already done (resume by re-running).
+    # the help text is BUILD_HELP (paragraphs as single lines, which the help display wraps)
+    from dataclasses import replace
 
-    Ctrl-C, SIGTERM or SIGHUP stop after the current batch, keeping what was encoded.
-    Under torchrun or srun (or with --shard I/N) each process encodes its part of the
-    work; re-running the same command, with any number of processes, finishes it.
-    """
     from featstore.launch import detect_share
     from featstore.models import parse_layers
     from featstore.pipeline import BuildOptions
@@ -311,46 +324,70 @@ def build(
     share = detect_share(shard)
     quiet = quiet or share.rank > 0  # one progress bar per job: the first process's
 
-    if fp16 and precision is not None and precision is not Precision.fp16:
-        raise typer.BadParameter("--fp16 conflicts with --precision " + precision.value)
-    options = BuildOptions(
-        model=model,
-        size=size,
+    from featstore.cli_groups import model_groups
+
+    groups = model_groups(ctx)
+    shared = BuildOptions(
         device=device,
-        precision="fp16" if fp16 else (precision.value if precision else None),
         batch_size=batch_size,
         workers=workers,
-        clip_output=clip_output.value,
         overwrite=overwrite,
         recursive=recursive,
         max_pixels=max_pixels,
         max_image_bytes=max_image_bytes,
-        resizer=resizer,
         compile=compile,
-        layers=parse_layers(layers) if layers is not None else None,
-        norm=norm.value if norm else None,
-        preset=preset,
-        embedding=embedding,
     )
+    if len(groups) == 1:  # one model: the options as parsed
+        if fp16 and precision is not None and precision is not Precision.fp16:
+            raise typer.BadParameter("--fp16 conflicts with --precision " + precision.value)
+        one: dict[str, Any] = {
+            "model": model,
+            "size": size,
+            "precision": "fp16" if fp16 else (precision.value if precision else None),
+            "clip_output": clip_output.value,
+            "resizer": resizer,
+            "layers": parse_layers(layers) if layers is not None else None,
+            "norm": norm.value if norm else None,
+            "preset": preset,
+            "embedding": embedding,
+        }
+        outputs = [(replace(shared, **one), store, npy_dir)]
+    else:
+        outputs = [
+            (replace(shared, **_model_options(g.values)), g.values.get("store"), g.values.get("npy_dir"))
+            for g in groups
+        ]
+    from featstore.pipeline import Target
     from featstore.sources import as_source
     from featstore.store.location import as_location, parse_storage_options
 
     storage_options = parse_storage_options(storage_option or ())
-    where = as_location(store, storage_options) if store is not None else None
+    seam = (ctx.obj or {}).get("encoder")  # tests: an encoder, or {model name: encoder}, for the models
+    targets = [
+        Target(
+            opts,
+            as_location(where, storage_options) if where is not None else None,
+            npy,
+            encoder=seam.get(opts.model) if isinstance(seam, dict) else seam if i == 0 else None,
+        )
+        for i, (opts, where, npy) in enumerate(outputs)
+    ]
     source = as_source(
         input, files=files, column=column, image_key=image_key, storage_options=storage_options, recursive=recursive
     )
+    first = targets[0]
     result = run_build(
         source,
-        options,
-        npy_dir=npy_dir,
-        store=where,
+        first.options,
+        npy_dir=first.npy_dir,
+        store=first.store,
         save_meta=save_meta,
         progress_factory=_progress_factory(quiet),
-        encoder=(ctx.obj or {}).get("encoder"),
+        encoder=first.encoder,
         log=_status_printer(quiet),
         share=share,
         unit_images=unit_images,
+        also=targets[1:],
     )
     typer.echo(result.summary(), err=True)
     for f in result.failures[:20]:
@@ -359,6 +396,30 @@ def build(
         typer.echo(f"  ... and {result.failed - 20} more (see the failure log)", err=True)
     if strict and result.failed:
         raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def _model_options(values: dict[str, Any]) -> dict[str, Any]:
+    """One model's `BuildOptions` fields from its options on a command line of several."""
+    from featstore.models import parse_layers
+
+    precision = values.get("precision")
+    if values.get("fp16"):
+        if precision not in (None, "fp16"):
+            raise typer.BadParameter(f"--fp16 conflicts with --precision {precision}")
+        precision = "fp16"
+    out = {
+        "model": values.get("model"),
+        "size": values.get("size"),
+        "precision": precision,
+        "clip_output": values.get("clip_output", ClipOutput.raw.value),
+        "layers": parse_layers(values["layers"]) if "layers" in values else None,
+        "norm": values.get("norm"),
+        "preset": values.get("preset"),
+        "embedding": values.get("embedding"),
+    }
+    if "resizer" in values:
+        out["resizer"] = values["resizer"]
+    return {k: (v.value if isinstance(v, StrEnum) else v) for k, v in out.items()}
 
 
 @app.command()
@@ -417,7 +478,8 @@ def usage_line(e: Any) -> str:
 
 
 def main(argv: list[str] | None = None, *, encoder: Any = None) -> None:
-    """The `featstore` command. `encoder` stands in for the model in `build` (tests use a fake)."""
+    """The `featstore` command. `encoder` stands in for the model in `build` (tests use a fake),
+    or {model name: encoder} for several models."""
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
         # not standalone: click's errors come here, to be printed as featstore's one-line errors

@@ -13,7 +13,8 @@ number N+1 creates D/held and then waits until D/release exists before returning
 a test can signal the build at a known point without guessing how fast the machine is.
 With FAKE_HOLD_AT_LOAD=1 it waits there where a real model would load (the first
 read of `info`, after the build's checks, before any output is opened) instead.
-FAKE_SHARD_ROWS=N gives new stores shards of N rows.
+FAKE_SHARD_ROWS=N gives new stores shards of N rows. `--model fake48` is a second fake
+(size 48, grid 6, 5 channels, never held) for builds of several models.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -106,4 +108,7 @@ if __name__ == "__main__":
         rows = int(os.environ["FAKE_SHARD_ROWS"])
         _zarr.default_shard_rows = lambda info: rows  # type: ignore[assignment]
     size = int(os.environ.get("FAKE_SIZE", "32"))
-    main(sys.argv[1:], encoder=FakeEncoder(size=size))
+    second = FakeEncoder(size=48, channels=5)  # `--model fake48`: another grid, for builds of several models
+    second.hold_after, second.hold_at_load = None, False
+    second._info = replace(second._info, model="fake48")
+    main(sys.argv[1:], encoder={"fake": FakeEncoder(size=size), "fake48": second})
