@@ -38,6 +38,10 @@ def _ext(i: int) -> str:
 
 @pytest.fixture
 def collection(tmp_path: Path) -> dict[str, Path]:
+    return make_collection(tmp_path)
+
+
+def make_collection(tmp_path: Path) -> dict[str, Path]:
     """The same images as a folder (shard0/img000.png, ...) and as tar shards (shard0.tar holding img000.png ...)."""
     folder, tars = tmp_path / "folder", tmp_path / "tars"
     tars.mkdir()
