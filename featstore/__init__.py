@@ -23,13 +23,14 @@ __all__ = [
     "FeatureStore",
     "Row",
     "RowBatch",
+    "Target",
     "__version__",
     "build",
     "open",
 ]
 
 if TYPE_CHECKING:
-    from featstore.pipeline import BuildOptions, BuildResult, build
+    from featstore.pipeline import BuildOptions, BuildResult, Target, build
     from featstore.store import FeatureStore, Row, RowBatch
     from featstore.torch import FeatureDataset
 
@@ -37,6 +38,7 @@ _LAZY = {
     "build": "featstore.pipeline",
     "BuildOptions": "featstore.pipeline",
     "BuildResult": "featstore.pipeline",
+    "Target": "featstore.pipeline",
     "FeatureStore": "featstore.store",
     "Row": "featstore.store",
     "RowBatch": "featstore.store",

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from featstore.errors import ConfigError
+from featstore.options import default_batch_size
 
 MARGIN = 1.25  # over the estimate: allocator fragmentation, workspace, the batch itself
 GIB = 1024**3
@@ -71,8 +72,6 @@ def check_fits(encoders: Sequence[Any], batch_size: int | None, free: int | None
     """Refuse (one line, naming what to drop) models whose activations will not fit beside
     their weights, which are loaded on the device already. `free`: the device's free
     bytes (default: asked of the device now)."""
-    from featstore.pipeline import default_batch_size
-
     device = encoders[0].device
     need = [activation_bytes(e, batch_size or default_batch_size(device, e.info.hidden_dim)) for e in encoders]
     free = available_bytes(device) if free is None else free

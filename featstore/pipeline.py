@@ -4,8 +4,9 @@ files and/or a store, for one model or several at once.
 
 `build` is a short composition; to follow one image from the listing to its rows:
 
-1. `plan_build`: every option and output checked, this process's share of the work
-   (`featstore.launch`), the input listed (`Source.discover`). No model yet, nothing created.
+1. `plan_build` (`featstore.buildplan`): every option and output checked, this
+   process's share of the work (`featstore.launch`), the input listed
+   (`Source.discover`). No model yet, nothing created.
 2. `load_encoders`: each model (`featstore.loading`) as a `PatchEncoder` on the device.
 3. `open_outputs`: each model's writers (`featstore.npy`, `featstore.store.writer`).
 4. The work: `single_process_work` (one unit: every image some model's outputs lack)
@@ -24,36 +25,51 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import ExitStack, nullcontext, suppress
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from featstore import memory
-from featstore.batches import EncodingInfo, Failure, ImageBatch, ImageItem, UnitMark, Writer
+from featstore.batches import EncodingInfo, Failure, ImageBatch, UnitMark, Writer
+from featstore.buildplan import BuildPlan, Target, plan_build
 from featstore.distributed import ModelUnits, Scheduler
 from featstore.encoder import Encoded, Encoder, PatchEncoder
 from featstore.errors import BuildInterrupted, ConfigError
-from featstore.imagecheck import DEFAULT_MAX_IMAGE_BYTES
-from featstore.images import DEFAULT_MAX_PIXELS, Preprocess, output_collisions, unusable_names
-from featstore.launch import Share, cuda_device_for, detect_share, process_cpus, workers_for
+from featstore.images import Preprocess
+from featstore.launch import Share, workers_for
 from featstore.loading import LoadedModel, check_preset_options, load_model
 from featstore.npy import FAILURES_FILE, NpyWriter
-from featstore.outputs import check_outputs
+from featstore.options import (
+    BuildOptions,
+    default_batch_size,
+    default_precision,
+    default_workers,
+    resolve_device,
+)
 from featstore.reader import ImageReader
 from featstore.runner import Lane, ProgressFn, RunResult, StageTimes, output_error, run_lanes
 from featstore.samples import InputSpec
 from featstore.signals import StopRequest
-from featstore.sources import Source, as_source
-from featstore.store.guard import StartGuard, output_identity
-from featstore.store.location import Location, as_location
+from featstore.sources import Source
+from featstore.store.location import Location
 from featstore.store.plans import DEFAULT_UNIT_IMAGES
 from featstore.store.units import UnitStore
-from featstore.store.writer import has_open_plan, refuse_busy_store
 
-__all__ = ["BuildOptions", "BuildResult", "ModelEncoder", "ModelResult", "Target", "build"]
+__all__ = [
+    "BuildOptions",
+    "BuildResult",
+    "ModelEncoder",
+    "ModelResult",
+    "Target",
+    "build",
+    "default_batch_size",
+    "default_precision",
+    "default_workers",
+    "model_encoder",
+    "resolve_device",
+]
 
 
 class ModelEncoder(Encoder, Protocol):
@@ -70,28 +86,7 @@ class ModelEncoder(Encoder, Protocol):
         ...
 
 
-# ---------------------------------------------------------------- options and result
-
-
-@dataclass(frozen=True, slots=True)
-class BuildOptions:
-    model: str | None = None  # optional with a preset (then it replaces only the weights)
-    size: int | None = None
-    device: str = "auto"
-    precision: str | None = None  # fp32 | fp16 | bf16; None: fp16 on CUDA, fp32 on CPU
-    batch_size: int | None = None
-    workers: int | None = None
-    clip_output: str = "raw"
-    overwrite: bool = False
-    recursive: bool = True
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # per image file, refused before reading (memory bound)
-    resizer: str = "pillow"  # pillow (exact, the default) | torch (faster, up to 2 levels off: Preprocess.resizer)
-    compile: bool = False  # torch.compile the model (CUDA: worth it for long runs)
-    layers: tuple[int, ...] | None = None  # hidden_states indices; None: the family's standard output
-    norm: str | None = None  # model | none | plain; None: what the family's standard output applies
-    preset: str | None = None  # a preset registry entry (trellis, trellis2)
-    embedding: bool | None = None  # pooled embedding beside the maps; None: on when the model has one
+# ---------------------------------------------------------------- results
 
 
 @dataclass(slots=True)
@@ -164,43 +159,6 @@ class BuildResult:
         return line
 
 
-# ---------------------------------------------------------------- device defaults
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif dev.type != "cpu":
-        raise ConfigError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
-    return dev
-
-
-def default_precision(device: torch.device) -> str:
-    return "fp16" if device.type == "cuda" else "fp32"
-
-
-def default_batch_size(device: torch.device, hidden_dim: int) -> int:
-    if device.type == "cpu":
-        return 16
-    return 256 if hidden_dim <= 768 else 128
-
-
-def default_workers(device: torch.device) -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if device.type == "cpu":
-        return 1  # the model needs the cores; decode at CPU model speed is cheap
-    return max(1, min(cpus - 1, 16))
-
-
 # ---------------------------------------------------------------- the model behind the seam
 
 
@@ -267,165 +225,10 @@ def _with_resizer(loaded: LoadedModel, resizer: str) -> LoadedModel:
     return replace(loaded, spec=replace(loaded.spec, preprocess=new))
 
 
-# ---------------------------------------------------------------- the plan: checks and listing, before any model
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """One model of a build and where its features go. `build` makes the first of its own
-    arguments; `build(..., also=[Target(...), ...])` adds more models, all encoded from
-    one decode of each image. A target's `options` give its model's own settings
-    (model, preset, size, precision, clip_output, layers, norm, embedding, resizer,
-    compile); the settings of the build as a whole (device, batch size, workers,
-    overwrite, recursive, limits) are the first target's."""
-
-    options: BuildOptions
-    store: str | os.PathLike[str] | Location | None = None
-    npy_dir: str | os.PathLike[str] | None = None
-    encoder: ModelEncoder | None = None  # replaces loading options.model (tests, benchmarks)
-    loaded: LoadedModel | None = None  # a model loaded already
-
-    @property
-    def name(self) -> str:
-        o = self.options
-        return o.model or (f"--preset {o.preset}" if o.preset else "the model")
-
-
-@dataclass(slots=True)
-class _Plan:
-    """What `build` knows before it loads a model: checked targets and outputs, this
-    process's share, the listing and what failed in it. Creates nothing."""
-
-    targets: list[Target]
-    stores: list[Location | None]
-    npy_dirs: list[Path | None]
-    share: Share
-    source: Source
-    items: list[ImageItem]  # usable names, in the listing's order
-    failures: list[Failure]  # found while listing, and unusable names: every model's
-    excluded: list[dict[str, Failure]]  # per model: keys its per-image files cannot take (a.png beside a.jpg)
-
-    @property
-    def options(self) -> BuildOptions:  # the build's shared settings
-        return self.targets[0].options
-
-    def guards(self) -> ExitStack:
-        """Held from before the models load to the end: a second build of one of these
-        stores started at the same instant on this machine is refused now, not once its
-        model has loaded (distributed builds share their stores through leases)."""
-        stack = ExitStack()
-        try:
-            for where in self.stores:
-                if where is not None and not self.share.distributed:
-                    stack.enter_context(StartGuard(where))
-        except BaseException:
-            stack.close()
-            raise
-        return stack
-
-    def keys_for(self, m: int) -> list[str]:
-        return [it.key for it in self.items if it.key not in self.excluded[m]]
-
-    def failures_for(self, m: int) -> list[Failure]:
-        return self.failures + list(self.excluded[m].values())
-
-
-def _check_options(options: BuildOptions) -> None:
-    if options.clip_output not in ("raw", "projected"):
-        raise ConfigError(f"--clip-output {options.clip_output!r}: expected raw or projected")
-    if options.precision is not None and options.precision not in ("fp32", "fp16", "bf16"):
-        raise ConfigError(f"--precision {options.precision!r}: expected fp32, fp16 or bf16")
-    if options.resizer not in ("pillow", "torch"):
-        raise ConfigError(f"--resizer {options.resizer!r}: expected pillow or torch")
-    resolve_device(options.device)
-
-
-def _check_distinct(targets: list[Target], stores: list[Location | None], npy_dirs: list[Path | None]) -> None:
-    """Two models never write one output."""
-    seen: dict[str, str] = {}
-    outputs = [(s.url, output_identity(s)) if s else (None, None) for s in stores]
-    outputs += [(str(n), os.path.realpath(n)) if n else (None, None) for n in npy_dirs]
-    for i, (shown, identity) in enumerate(outputs):
-        if identity is None:
-            continue
-        name = targets[i % len(targets)].name
-        if identity in seen:
-            raise ConfigError(
-                f"{shown} is the output of both {seen[identity]} and {name}: give each model its own "
-                "--store / --npy-dir"
-            )
-        seen[identity] = name
-
-
-def plan_build(input_dir: str | os.PathLike[str] | Source, targets: list[Target], share: Share | None) -> _Plan:
-    """Check every option and output and list the input: one line for anything wrong,
-    before a model loads or an output is created."""
-    several = len(targets) > 1
-    for t in targets:
-        if t.store is None and t.npy_dir is None:
-            raise ConfigError(f"nothing to write{' for ' + t.name if several else ''}: give --npy-dir, --store or both")
-        _check_options(t.options)
-    stores = [as_location(t.store) if t.store is not None else None for t in targets]
-    npy_dirs = [Path(t.npy_dir) if t.npy_dir is not None else None for t in targets]
-    _check_distinct(targets, stores, npy_dirs)
-    for where, npy in zip(stores, npy_dirs, strict=True):
-        check_outputs(where, npy)
-    share = share if share is not None else detect_share()
-    overwrite = targets[0].options.overwrite
-    if not share.distributed and not overwrite and any(w is not None and has_open_plan(w) for w in stores):
-        share = Share(launcher="resume")  # finish the distributed build's units, in their order
-    if share.distributed:
-        targets = [
-            replace(t, options=_distributed_options(t.options, share, w)) for t, w in zip(targets, stores, strict=True)
-        ]
-    options = targets[0].options
-    source = input_dir if isinstance(input_dir, Source) else as_source(input_dir, recursive=options.recursive)
-    found = source.discover()  # missing shards, samples without an image, ...: failures, by name
-    if not found.items:
-        if found.failures:
-            first = found.failures[0]
-            raise ConfigError(f"{source.no_images()}; {len(found.failures)} failed, first {first.key}: {first.reason}")
-        raise source.no_images()
-    for where in stores:
-        if where is not None:
-            refuse_busy_store(where, leases=not share.distributed)
-    bad_names = unusable_names(found.items)  # not UTF-8, backslash: refused per file
-    items = [it for it in found.items if it.key not in bad_names]
-    clashes = output_collisions(items) if any(npy_dirs) else {}
-    # a.png and a.jpg would both write a.npy: the later one is refused where a model writes per-image files
-    collided = {
-        k: Failure(k, f"output name collides with {first!r} (both write the same .npy)") for k, first in clashes.items()
-    }
-    excluded = [collided if npy is not None else {} for npy in npy_dirs]
-    if all(excluded):  # no model takes those images: not even read
-        items = [it for it in items if not all(it.key in ex for ex in excluded)]
-    failures = found.failures + list(bad_names.values())
-    return _Plan(targets, stores, npy_dirs, share, source, items, failures, excluded)
-
-
-def _distributed_options(options: BuildOptions, share: Share, store: Location | None) -> BuildOptions:
-    """Checks and per-process defaults of a distributed build (see `featstore.launch`)."""
-    if store is not None and store.format == "hdf5":
-        raise ConfigError(
-            "an HDF5 store is one local file written by one process: write a .zarr store from several processes "
-            "(`featstore convert` makes an .h5 of it afterwards)"
-        )
-    if options.overwrite:
-        raise ConfigError(
-            f"--overwrite in a distributed build ({share.describe()}): each process would delete the others' "
-            "work; delete the outputs first, or run once with --overwrite from one process without --shard"
-        )
-    if options.device in ("auto", "cuda") and torch.cuda.is_available():
-        return replace(options, device=cuda_device_for(share, torch.cuda.device_count()))
-    if "OMP_NUM_THREADS" not in os.environ:  # on CPU; torchrun sets it, srun and --shard do not
-        torch.set_num_threads(process_cpus(share))
-    return options
-
-
 # ---------------------------------------------------------------- the models and their outputs
 
 
-def load_encoders(plan: _Plan, say: Callable[[str], None], stop: StopRequest) -> list[ModelEncoder]:
+def load_encoders(plan: BuildPlan, say: Callable[[str], None], stop: StopRequest) -> list[ModelEncoder]:
     """Every model of the plan on its device (all of them at once), checked against the
     device's memory when there are several."""
     encoders: list[ModelEncoder] = []
@@ -464,7 +267,7 @@ class _Outputs:
             self.unit_store.close()
 
 
-def open_outputs(plan: _Plan, encoders: list[ModelEncoder], save_meta: bool) -> list[_Outputs]:
+def open_outputs(plan: BuildPlan, encoders: list[ModelEncoder], save_meta: bool) -> list[_Outputs]:
     """Each model's writers, created or opened now (everything was checked before)."""
     from featstore import __version__
     from featstore.store.writer import open_store_writer, open_unit_store
@@ -529,7 +332,7 @@ class _Work:
     skipped: list[int] = field(default_factory=list)  # per model, images its outputs had (one process)
 
 
-def single_process_work(plan: _Plan, encoders: list[ModelEncoder], outputs: list[_Outputs]) -> _Work:
+def single_process_work(plan: BuildPlan, encoders: list[ModelEncoder], outputs: list[_Outputs]) -> _Work:
     """One work unit: every image some model's outputs still lack."""
     needs = []
     for m, out in enumerate(outputs):
@@ -550,7 +353,7 @@ def single_process_work(plan: _Plan, encoders: list[ModelEncoder], outputs: list
 
 
 def distributed_work(
-    plan: _Plan, encoders: list[ModelEncoder], outputs: list[_Outputs], stop: StopRequest, unit_images: int | None
+    plan: BuildPlan, encoders: list[ModelEncoder], outputs: list[_Outputs], stop: StopRequest, unit_images: int | None
 ) -> _Work:
     """This process's units of the build's plan, as the `Scheduler` takes them."""
     models = [ModelUnits(out.unit_store, out.writers, excluded=set(plan.excluded[m])) for m, out in enumerate(outputs)]
@@ -563,7 +366,7 @@ def distributed_work(
     return _Work(lanes, scheduler.expected(), scheduler.stream, scheduler=scheduler)
 
 
-def _reader(plan: _Plan, encoders: list[ModelEncoder]) -> ImageReader:
+def _reader(plan: BuildPlan, encoders: list[ModelEncoder]) -> ImageReader:
     options, device, first = plan.options, encoders[0].device, encoders[0].info
     if options.workers is not None:
         workers = options.workers
@@ -665,7 +468,7 @@ def _with_expected_total(update: ProgressFn, scheduler: Scheduler) -> ProgressFn
     return progress
 
 
-def _result(plan: _Plan, encoders: list[ModelEncoder], work: _Work, ran: RunResult, startup: float) -> BuildResult:
+def _result(plan: BuildPlan, encoders: list[ModelEncoder], work: _Work, ran: RunResult, startup: float) -> BuildResult:
     models = [
         ModelResult(
             name=encoder.info.model,

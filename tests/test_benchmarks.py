@@ -72,3 +72,21 @@ def test_ecosystem_benchmark_runs_every_path(tmp_path: Path) -> None:
     results = json.loads(out.read_text())["results"]
     assert len(results) == 6 and all(r["rows_per_s"] > 0 for r in results.values())
     assert results["featstore iter_batches"]["time_vs_featstore"] == 1
+
+
+def test_multi_benchmark_compares_shared_and_separate_decodes(tmp_path: Path) -> None:
+    out = tmp_path / "multi.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/multi.py", "--quick", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [r["models"] for r in report["decode_side"]] == [1, 2, 3]
+    for r in report["decode_side"]:
+        assert r["shared_ms"] > 0 and r["separate_ms"] > 0 and r["decode_ms"] > 0
+    assert [len(r["models"]) for r in report["wall"]] == [2, 3]
+    assert all(r["one_build_s"] > 0 and r["one_after_another_s"] > 0 for r in report["wall"])

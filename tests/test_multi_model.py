@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -147,7 +148,8 @@ def test_interrupted_then_the_same_command_finishes_both(images, tmp_path, singl
         stderr=subprocess.PIPE,
         text=True,
     )
-    wait_until_held(hold / "held", proc)  # the 6th batch of `fake`: shards of both stores committed before it
+    wait_until_held(hold / "held", proc)  # the 6th batch of `fake`: 15 rows of each model written before it
+    _wait_for_rows([tmp_path / "a.zarr", tmp_path / "b.zarr"], 12, proc)  # 3 shards of 4 committed in each
     if how == "kill":
         proc.kill()
         proc.communicate(timeout=600)
@@ -163,6 +165,23 @@ def test_interrupted_then_the_same_command_finishes_both(images, tmp_path, singl
     _ok(cmd, tmp_path)
     assert_same_store(tmp_path / "a.zarr", singles["fake"])
     assert_same_store(tmp_path / "b.zarr", singles["fake48"])
+
+
+def _rows(store: Path) -> int:
+    try:
+        with featstore.open(store) as s:
+            return len(s)
+    except Exception:  # not created yet
+        return 0
+
+
+def _wait_for_rows(stores: list[Path], rows: int, proc: subprocess.Popen[str]) -> None:
+    """Wait until every store has `rows` committed (the writer thread commits behind the encoder)."""
+    deadline = time.monotonic() + 600
+    while any(_rows(s) < rows for s in stores):
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "the stores never got their rows"
+        time.sleep(0.05)
 
 
 def test_distributed_shards_build_every_model(images, tmp_path, singles):

@@ -14,6 +14,7 @@ def test_public_names_are_pinned():
         "FeatureStore",
         "Row",
         "RowBatch",
+        "Target",
         "__version__",
         "build",
         "open",
