@@ -63,6 +63,7 @@ class BuildPlan:
     items: list[ImageItem]  # usable names, in the listing's order
     failures: list[Failure]  # found while listing, and unusable names: every model's
     excluded: list[dict[str, Failure]]  # per model: keys its per-image files cannot take (a.png beside a.jpg)
+    listed: int  # everything the listing found, usable or not
 
     @property
     def options(self) -> BuildOptions:  # the build's shared settings
@@ -149,7 +150,8 @@ def plan_build(input_dir: str | os.PathLike[str] | Source, targets: list[Target]
     if all(excluded):  # no model takes those images: not even read
         items = [it for it in items if not all(it.key in ex for ex in excluded)]
     failures = found.failures + list(bad_names.values())
-    return BuildPlan(targets, stores, npy_dirs, share, source, items, failures, excluded)
+    listed = len(found.items) + len(found.failures)
+    return BuildPlan(targets, stores, npy_dirs, share, source, items, failures, excluded, listed)
 
 
 def distributed_options(options: BuildOptions, share: Share, store: Location | None) -> BuildOptions:

@@ -4,9 +4,9 @@
 B (at 518) into b.zarr from one read and decode of each image. The command line is read
 in order: each `--model` (or `--preset`) starts a model, and the per-model options
 after it (`PER_MODEL`) are that model's, up to the next one; the other options are the
-build's, given once, anywhere. A `--preset` right after a `--model` (or a `--model`
-right after a `--preset`) with no output between is the same model: a preset with
-other weights.
+build's, given once, anywhere. A `--preset` after a `--model` (or a `--model` after a
+`--preset`) with no output between is the same model: a preset with other weights.
+With one model, options before its `--model` are its own, as they always were.
 
 click keeps only the last value of a repeated option, so the command records the raw
 arguments (`GroupedCommand`) and this module reads the groups from them, converting
@@ -50,6 +50,9 @@ class ModelArgs:
             if p in self.values:
                 return f"{self.spelled[p]} {self.values[p]}"
         return "the model"
+
+    def has_start(self) -> bool:
+        return any(p in self.values for p in STARTS)
 
     def has_output(self) -> bool:
         return any(p in self.values for p in OUTPUTS)
@@ -101,7 +104,7 @@ def model_groups(ctx: Any) -> list[ModelArgs]:
     groups = [ModelArgs()]
     for name, spelled, value in _occurrences(ctx, ctx.meta.get(ARGV, [])):
         cur = groups[-1]
-        if name in STARTS and (name in cur.values or cur.has_output()):
+        if name in STARTS and (name in cur.values or (cur.has_start() and cur.has_output())):
             groups.append(cur := ModelArgs())
         if name in cur.values:
             raise ConfigError(f"{spelled} is given twice for {cur.name}: each model takes it once")

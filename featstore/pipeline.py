@@ -483,7 +483,7 @@ def _result(plan: BuildPlan, encoders: list[ModelEncoder], work: _Work, ran: Run
     ]
     one = len(models) == 1
     return BuildResult(
-        total=len(plan.items) + len(plan.failures),
+        total=plan.listed,
         encoded=ran.encoded,
         skipped=models[0].skipped if one else len(plan.items) - work.total,
         failures=ran.failures,
