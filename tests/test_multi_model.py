@@ -194,6 +194,27 @@ def test_distributed_shards_build_every_model(images, tmp_path, singles):
     assert_same_store(tmp_path / "b.zarr", singles["fake48"])
 
 
+def test_torchrun_two_processes_two_models_and_per_image_files(images, tmp_path, singles):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd = _args(images, "-m", "fake", "--store", "a.zarr", "-m", "fake48", "--store", "b.zarr", "--npy-dir", "n48")
+    p = subprocess.run(
+        [*torchrun, FAKE_CLI, *cmd, "--unit-images", "8"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr
+    assert "process 1 of 2 (torchrun)" in p.stderr and "process 2 of 2 (torchrun)" in p.stderr
+    assert_same_store(tmp_path / "a.zarr", singles["fake"])
+    assert_same_store(tmp_path / "b.zarr", singles["fake48"])
+    with featstore.open(singles["fake48"]) as want:  # the per-image files hold the store's rows
+        for key in want.keys()[:5]:
+            stem = key.removesuffix(".png").removesuffix(".jpg")
+            np.testing.assert_array_equal(np.load(tmp_path / "n48" / f"{stem}.npy"), want[key].features)
+
+
 def test_distributed_refuses_stores_at_different_points(images, tmp_path):
     _ok(_args(images, "-m", "fake", "--store", "a.zarr"), tmp_path)
     cmd = _args(images, "-m", "fake", "--store", "a.zarr", "-m", "fake48", "--store", "b.zarr", "--shard", "0/2")
