@@ -38,6 +38,10 @@ RESAMPLE = {
 RESAMPLE_BY_PIL_CODE = {int(v): k for k, v in RESAMPLE.items()}
 TORCH_RESAMPLE = frozenset({"bicubic", "bilinear"})  # what torch's uint8 antialiased kernels offer
 TORCH_MARK = "torch uint8"  # in a store's recorded resize when the torch resizer made its rows
+AUTO_MIN_DOWNSCALE = 2  # "auto": torch's resize where both sides shrink by this factor or more
+# in the recorded resize of rows made by "auto" (torch's where it shrinks enough, Pillow's elsewhere)
+AUTO_MARK = f"{TORCH_MARK} where both sides shrink {AUTO_MIN_DOWNSCALE}x or more, else Pillow"
+RESIZERS = ("auto", "pillow", "torch")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,20 +53,27 @@ class Preprocess:
     # uint8: the reference scripts' truncating uint8(rgb * alpha), bands resized independently;
     # float: Pillow's RGBA resize (colour weighted by alpha), then rgb * alpha in float32 (TRELLIS)
     premultiply: str = "uint8"
-    # pillow: Pillow's resize (the default: what every store so far holds); torch: torch's
-    # uint8 antialiased kernels, 7x faster but not Pillow's pixels (up to 2 levels off on
-    # photos and renders, more on noise; see `featstore.resample`); uint8 bicubic/bilinear only
+    # pillow: Pillow's resize (exact: what the reference scripts do, and every store before
+    # "auto"); torch: torch's uint8 antialiased kernels, 7x faster but not Pillow's pixels
+    # (see `featstore.resample`); auto: torch's where both sides shrink AUTO_MIN_DOWNSCALE x
+    # or more (within 1 level there, measured), Pillow's elsewhere. torch and auto: uint8
+    # bicubic/bilinear only, and the mask is always exactly Pillow's.
     resizer: str = "pillow"
 
     def __post_init__(self) -> None:
-        if self.resizer not in ("pillow", "torch"):
-            raise ValueError(f"resizer {self.resizer!r}: expected pillow or torch")
-        if self.resizer == "torch" and (self.premultiply != "uint8" or self.resample not in TORCH_RESAMPLE):
-            raise ValueError("the torch resizer takes uint8 premultiply and bicubic or bilinear resampling")
+        if self.resizer not in RESIZERS:
+            raise ValueError(f"resizer {self.resizer!r}: expected one of {', '.join(RESIZERS)}")
+        if self.resizer != "pillow" and not self.torch_allowed():
+            raise ValueError(f"the {self.resizer} resizer takes uint8 premultiply and bicubic or bilinear resampling")
+
+    def torch_allowed(self) -> bool:
+        """Whether torch's kernels can stand in for Pillow's here (not for TRELLIS's float lines)."""
+        return self.premultiply == "uint8" and self.resample in TORCH_RESAMPLE
 
     def describe_resize(self) -> str:
-        # a torch-resized store says so (stores made before say nothing: Pillow)
-        kernel = f"{self.resample} (antialiased{', ' + TORCH_MARK if self.resizer == 'torch' else ''})"
+        # torch- and auto-resized stores say so (stores made before say nothing: Pillow)
+        mark = {"pillow": "", "torch": f", {TORCH_MARK}", "auto": f", {AUTO_MARK}"}[self.resizer]
+        kernel = f"{self.resample} (antialiased{mark})"
         if self.resize == "squash":
             return f"squash to size x size, {kernel}"
         return f"shorter-side {kernel}, center crop"
@@ -320,21 +331,30 @@ def resize(rgba: np.ndarray, size: int, preprocess: Preprocess = DEFAULT_PREPROC
     """`rgba` (4 channels, or 3) at `size x size` by the policy (every band resampled independently)."""
     if rgba.shape[:2] == (size, size):
         return rgba
-    if preprocess.resizer == "torch":
-        return _torch_resize(rgba, size, preprocess)
-    return np.asarray(_resize(_bands(rgba), size, preprocess))
+    plan = _torch_plan(rgba.shape[0], rgba.shape[1], size, preprocess)
+    if plan is None:
+        return np.asarray(_resize(_bands(rgba), size, preprocess))
+    return _torch_resize(rgba, size, plan, preprocess.resample)
 
 
-def _torch_resize(pixels: np.ndarray, size: int, preprocess: Preprocess) -> np.ndarray:
+def _torch_plan(h: int, w: int, size: int, preprocess: Preprocess) -> tuple[int, int, int, int] | None:
+    """Where torch resizes this image (by `preprocess.resizer`): the resized (height, width)
+    and the crop's (top, left); None where Pillow does."""
+    if preprocess.resizer == "pillow" or (h, w) == (size, size):
+        return None
+    plan = (size, size, 0, 0) if preprocess.resize == "squash" else _crop_geometry(h, w, size)
+    if max(plan[:2]) > MAX_RESIZED_SIDE * size:  # extreme aspect: Pillow's box path
+        return None
+    if preprocess.resizer == "auto" and not (h >= AUTO_MIN_DOWNSCALE * plan[0] and w >= AUTO_MIN_DOWNSCALE * plan[1]):
+        return None
+    return plan
+
+
+def _torch_resize(pixels: np.ndarray, size: int, plan: tuple[int, int, int, int], method: str) -> np.ndarray:
     from featstore import resample
 
-    h, w = pixels.shape[:2]
-    if preprocess.resize == "squash":
-        return resample.resize(pixels, (size, size), preprocess.resample)
-    new_h, new_w, top, left = _crop_geometry(h, w, size)
-    if max(new_h, new_w) > MAX_RESIZED_SIDE * size:  # extreme aspect: Pillow's box path
-        return np.asarray(_resize_crop(_bands(pixels), size, preprocess.resample))
-    out = resample.resize(pixels, (new_h, new_w), preprocess.resample)
+    new_h, new_w, top, left = plan
+    out = resample.resize(pixels, (new_h, new_w), method)
     return out if (new_h, new_w) == (size, size) else np.ascontiguousarray(out[top : top + size, left : left + size])
 
 
@@ -447,13 +467,35 @@ def prepare(
     if isinstance(pixels, Image.Image) or pixels.shape[2] == 3:
         # Opaque: resized alpha stays 255 (tested), so premultiplying changes nothing and
         # every patch is foreground. 1.3 ms less per 500x375 JPEG than the RGBA path.
-        if isinstance(pixels, Image.Image) and preprocess.resizer == "pillow":
+        h, w = (pixels.height, pixels.width) if isinstance(pixels, Image.Image) else pixels.shape[:2]
+        if isinstance(pixels, Image.Image) and _torch_plan(h, w, size, preprocess) is None:
             rgb = np.asarray(_resize(pixels, size, preprocess))
         else:
             rgb = resize(np.asarray(pixels), size, preprocess)
         return rgb, np.ones((grid, grid), np.uint8)
-    rgba = resize(pixels, size, preprocess)
-    return premultiply(rgba), patch_mask(rgba[..., 3], grid)
+    plan = _torch_plan(pixels.shape[0], pixels.shape[1], size, preprocess)
+    if plan is None:
+        rgba = resize(pixels, size, preprocess)
+        return premultiply(rgba), patch_mask(rgba[..., 3], grid)
+    rgba = _torch_resize(pixels, size, plan, preprocess.resample)
+    return premultiply(rgba), _exact_mask(pixels, rgba[..., 3], plan, grid, preprocess)
+
+
+def _exact_mask(
+    pixels: np.ndarray, hint: np.ndarray, plan: tuple[int, int, int, int], grid: int, preprocess: Preprocess
+) -> np.ndarray:
+    """Pillow's mask where torch resized the pixels: torch's `alpha > 0` can differ from
+    Pillow's at faint edge pixels, and masks must not differ (see `featstore.resample`)."""
+    from featstore import resample
+
+    alpha = pixels[..., 3]
+    if hint.min() == 255 and alpha.min() == 255:
+        return np.ones((grid, grid), np.uint8)  # opaque: Pillow's alpha stays 255
+    mask = resample.pillow_patch_mask(alpha, hint, plan[:2], plan[2:], grid, preprocess.resample)
+    if mask is not None:
+        return mask
+    # Pillow's pass order for this geometry unknown: Pillow's own resize of the alpha band
+    return patch_mask(np.asarray(_resize(Image.fromarray(np.ascontiguousarray(alpha), "L"), hint.shape[0], preprocess)), grid)
 
 
 _MODES = {3: "RGB", 4: "RGBA"}
