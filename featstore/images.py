@@ -488,14 +488,12 @@ def _exact_mask(
     Pillow's at faint edge pixels, and masks must not differ (see `featstore.resample`)."""
     from featstore import resample
 
-    alpha = pixels[..., 3]
-    if hint.min() == 255 and alpha.min() == 255:
-        return np.ones((grid, grid), np.uint8)  # opaque: Pillow's alpha stays 255
-    mask = resample.pillow_patch_mask(alpha, hint, plan[:2], plan[2:], grid, preprocess.resample)
+    mask = resample.pillow_patch_mask(pixels, hint, plan[:2], plan[2:], grid, preprocess.resample)
     if mask is not None:
         return mask
     # Pillow's pass order for this geometry unknown: Pillow's own resize of the alpha band
-    return patch_mask(np.asarray(_resize(Image.fromarray(np.ascontiguousarray(alpha), "L"), hint.shape[0], preprocess)), grid)
+    alpha = Image.fromarray(np.ascontiguousarray(pixels[..., 3]), "L")
+    return patch_mask(np.asarray(_resize(alpha, hint.shape[0], preprocess)), grid)
 
 
 _MODES = {3: "RGB", 4: "RGBA"}

@@ -29,7 +29,7 @@ from featstore.distributed import Scheduler, block, listing_plan
 from featstore.encoder import Encoded, Encoder, PatchEncoder
 from featstore.errors import BuildInterrupted, ConfigError
 from featstore.imagecheck import DEFAULT_MAX_IMAGE_BYTES
-from featstore.images import DEFAULT_MAX_PIXELS, Preprocess, output_collisions, unusable_names
+from featstore.images import DEFAULT_MAX_PIXELS, RESIZERS, Preprocess, output_collisions, unusable_names
 from featstore.launch import Share, cuda_device_for, detect_share, process_cpus, workers_for
 from featstore.loading import LoadedModel, check_preset_options, load_model
 from featstore.npy import FAILURES_FILE, NpyWriter
@@ -76,7 +76,7 @@ class BuildOptions:
     recursive: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # per image file, refused before reading (memory bound)
-    resizer: str = "pillow"  # pillow (exact, the default) | torch (faster, up to 2 levels off: Preprocess.resizer)
+    resizer: str = "auto"  # auto | pillow (exact) | torch (Preprocess.resizer); auto appends keep a store's own
     compile: bool = False  # torch.compile the model (CUDA: worth it for long runs)
     layers: tuple[int, ...] | None = None  # hidden_states indices; None: the family's standard output
     norm: str | None = None  # model | none | plain; None: what the family's standard output applies
@@ -220,9 +220,10 @@ def model_encoder(
 
 
 def _with_resizer(loaded: LoadedModel, resizer: str) -> LoadedModel:
-    """`loaded` whose preprocessing resizes with `resizer` (what the store then records)."""
+    """`loaded` whose preprocessing resizes with `resizer` (what the store then records);
+    "auto" leaves presets that torch cannot stand in for (TRELLIS's lines) on Pillow's."""
     pre = loaded.spec.preprocess
-    if pre.resizer == resizer:
+    if pre.resizer == resizer or (resizer == "auto" and not pre.torch_allowed()):
         return loaded
     try:
         new = replace(pre, resizer=resizer)
@@ -242,8 +243,8 @@ def _check_options(options: BuildOptions) -> None:
         raise ConfigError(f"--clip-output {options.clip_output!r}: expected raw or projected")
     if options.precision is not None and options.precision not in ("fp32", "fp16", "bf16"):
         raise ConfigError(f"--precision {options.precision!r}: expected fp32, fp16 or bf16")
-    if options.resizer not in ("pillow", "torch"):
-        raise ConfigError(f"--resizer {options.resizer!r}: expected pillow or torch")
+    if options.resizer not in RESIZERS:
+        raise ConfigError(f"--resizer {options.resizer!r}: expected {', '.join(RESIZERS)}")
     resolve_device(options.device)
 
 
@@ -373,6 +374,10 @@ def build(
         from featstore.store.writer import refuse_busy_store
 
         refuse_busy_store(store, leases=not share.distributed)  # before the model loads
+        if options.resizer == "auto" and not options.overwrite:  # appending keeps the store's resizer
+            from featstore.store.writer import recorded_resizer
+
+            options = replace(options, resizer=recorded_resizer(store) or "auto")
     # Held from before the model loads to the end: a second build of this store started at
     # the same instant on this machine is refused now, not once its model has loaded.
     guard = StartGuard(where) if where is not None and not share.distributed else nullcontext()

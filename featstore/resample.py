@@ -20,6 +20,7 @@ of the cost of a second resize.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -125,15 +126,14 @@ def _clip8(acc: np.ndarray) -> np.ndarray:
 
 
 def pillow_patch_mask(
-    alpha: np.ndarray, hint: np.ndarray, resized_hw: tuple[int, int], top_left: tuple[int, int], grid: int, resample: str
+    pixels: np.ndarray, hint: np.ndarray, resized_hw: tuple[int, int], top_left: tuple[int, int], grid: int, resample: str
 ) -> np.ndarray | None:
-    """Pillow's `patch_mask` of `alpha` resized to `resized_hw` and cropped to `hint`'s
-    square at `top_left`, exactly, without
-    resizing it with Pillow: `hint` (the same alpha resized by torch, cropped) picks
-    the easy answers and each is proven:
+    """Pillow's `patch_mask` of the alpha of `pixels` (H, W, 4) resized to `resized_hw` and
+    cropped to `hint`'s square at `top_left`, exactly, without resizing it with Pillow.
+    `hint` (the same alpha resized by torch, cropped) picks the easy answers, each proven:
 
     - a patch where `hint` has a visible pixel: Pillow's alpha at that one pixel is
-      computed; visible there -> the patch is 1;
+      computed; visible there -> 1;
     - a patch whose source pixels (every input any of its outputs reads) are all 0: 0
       (Pillow's sums are all 0 there);
     - any other patch: Pillow's alpha over the whole patch.
@@ -141,7 +141,7 @@ def pillow_patch_mask(
     None where the installed Pillow's pass order for this geometry could not be told (the
     caller then resizes the alpha with Pillow itself).
     """
-    h, w = alpha.shape
+    h, w = pixels.shape[:2]
     order = _vertical_first(h, w, *resized_hw, resample)
     if order is None:
         return None
@@ -149,29 +149,70 @@ def pillow_patch_mask(
     p = hint.shape[0] // grid
     ys = top_left[0] + np.arange(grid) * p  # each patch's first output row and column
     xs = top_left[1] + np.arange(grid) * p
+    row_lo, row_hi = vert.first[ys], (vert.first + vert.count)[ys + p - 1]  # the source each patch reads
+    col_lo, col_hi = horiz.first[xs], (horiz.first + horiz.count)[xs + p - 1]
+    mask = np.zeros((grid, grid), dtype=np.uint8)
+    alpha = pixels[..., 3]
+
     tiles = hint.reshape(grid, p, grid, p).transpose(0, 2, 1, 3).reshape(grid, grid, p * p)
     seen = tiles.max(axis=2) > 0
-    mask = np.zeros((grid, grid), dtype=np.uint8)
-    open_ = np.zeros((grid, grid), dtype=bool)
-
+    open_ = ~seen & _touched(pixels, row_lo, row_hi, col_lo, col_hi)
     py, px = np.nonzero(seen)
     if len(py):
         at = tiles[py, px].argmax(axis=1)
         proven = _pixels(alpha, vert, horiz, ys[py] + at // p, xs[px] + at % p, vertical_first=order) > 0
         mask[py[proven], px[proven]] = 1
         open_[py[~proven], px[~proven]] = True
-
-    row_lo, row_hi = vert.first[ys], (vert.first + vert.count)[ys + p - 1]
-    col_lo, col_hi = horiz.first[xs], (horiz.first + horiz.count)[xs + p - 1]
-    open_ |= ~seen & (_band_max(alpha, row_lo, row_hi, col_lo, col_hi) > 0)
     for i, j in zip(*np.nonzero(open_), strict=True):
         r0, r1, c0, c1 = row_lo[i], row_hi[i], col_lo[j], col_hi[j]
-        src = alpha[r0:r1, c0:c1].astype(np.float64)
-        hm = horiz.matrix(xs[j], xs[j] + p, c0, c1).T
-        vm = vert.matrix(ys[i], ys[i] + p, r0, r1)
-        out = _clip8(vm @ src) @ hm if order else vm @ _clip8(src @ hm)
+        src = alpha[r0:r1, c0:c1]
+        if not src.any():
+            continue
+        hm = _matrix(w, resized_hw[1], resample, xs[j], xs[j] + p, c0, c1).T
+        vm = _matrix(h, resized_hw[0], resample, ys[i], ys[i] + p, r0, r1)
+        f = src.astype(np.float64)
+        out = _clip8(vm @ f) @ hm if order else vm @ _clip8(f @ hm)
         mask[i, j] = bool((out + _HALF >= float(1 << _PRECISION_BITS)).any())
     return mask
+
+
+_BLOCK = 8  # source rows per block of `_touched`
+
+
+def _touched(
+    pixels: np.ndarray, row_lo: np.ndarray, row_hi: np.ndarray, col_lo: np.ndarray, col_hi: np.ndarray
+) -> np.ndarray:
+    """(grid, grid): whether source rows row_lo[i]:row_hi[i] x columns col_lo[j]:col_hi[j]
+    may hold a visible pixel (rows rounded out to whole blocks of 8: a wider region, so
+    False is still proof of none)."""
+    h, w = pixels.shape[:2]
+    if sys.byteorder == "little" and pixels.flags.c_contiguous:
+        # each pixel as one uint32 whose top byte is its alpha: visible <=> >= 2**24, and the
+        # maxima run over whole words instead of every fourth byte
+        keys, visible = pixels.view(np.uint32).reshape(h, w), 1 << 24
+    else:
+        keys, visible = np.ascontiguousarray(pixels[..., 3]), 1
+    b = _BLOCK
+    whole = h // b * b
+    blocks = keys[:whole].reshape(h // b, b, w).max(axis=1)
+    if whole < h:
+        blocks = np.concatenate([blocks, keys[whole:].max(axis=0)[None]])
+    first, last = row_lo // b, -(-row_hi // b)
+    span, length = blocks.copy(), int((last - first).max())
+    done = 1
+    while done < length and len(span) > 1:  # span[i] = max of blocks i .. i + done - 1, doubling
+        step = min(done, length - done, len(span) - 1)
+        np.maximum(span[:-step], span[step:], out=span[:-step])  # numpy buffers the overlap
+        done += step
+    seen = np.zeros((len(first), w + 1), dtype=np.int32)
+    np.cumsum(span[first] >= visible, axis=1, out=seen[:, 1:])
+    return (seen[:, col_hi] - seen[:, col_lo]) > 0
+
+
+@lru_cache(maxsize=1024)
+def _matrix(n_in: int, n_out: int, resample: str, out0: int, out1: int, in0: int, in1: int) -> np.ndarray:
+    """`_Pass.matrix` of a geometry's pass, kept: the same patches recur image after image."""
+    return _pillow_pass(n_in, n_out, resample).matrix(out0, out1, in0, in1)
 
 
 def _pixels(
@@ -209,11 +250,3 @@ def _vertical_first(h: int, w: int, new_h: int, new_w: int, resample: str) -> bo
         for first in (False, True)
     ]
     return matches[1] if matches[0] != matches[1] else None
-
-
-def _band_max(
-    a: np.ndarray, row_lo: np.ndarray, row_hi: np.ndarray, col_lo: np.ndarray, col_hi: np.ndarray
-) -> np.ndarray:
-    """max(a[row_lo[i]:row_hi[i], col_lo[j]:col_hi[j]]) for every (i, j) (overlapping bands)."""
-    rows = np.stack([a[lo:hi].max(axis=0) for lo, hi in zip(row_lo, row_hi, strict=True)])
-    return np.stack([rows[:, lo:hi].max(axis=1) for lo, hi in zip(col_lo, col_hi, strict=True)], axis=1)
