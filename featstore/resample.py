@@ -101,7 +101,7 @@ def _pillow_pass(n_in: int, n_out: int, resample: str) -> _Pass:
     scale = n_in / n_out
     filterscale = max(scale, 1.0)
     support = support0 * filterscale
-    taps = int(math.ceil(support)) * 2 + 1
+    taps = math.ceil(support) * 2 + 1
     center = (np.arange(n_out) + 0.5) * scale
     first = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.intp)  # C's (int): toward zero
     count = np.minimum(np.trunc(center + support + 0.5).astype(np.intp), n_in) - first
@@ -126,7 +126,12 @@ def _clip8(acc: np.ndarray) -> np.ndarray:
 
 
 def pillow_patch_mask(
-    pixels: np.ndarray, hint: np.ndarray, resized_hw: tuple[int, int], top_left: tuple[int, int], grid: int, resample: str
+    pixels: np.ndarray,
+    hint: np.ndarray,
+    resized_hw: tuple[int, int],
+    top_left: tuple[int, int],
+    grid: int,
+    resample: str,
 ) -> np.ndarray | None:
     """Pillow's `patch_mask` of the alpha of `pixels` (H, W, 4) resized to `resized_hw` and
     cropped to `hint`'s square at `top_left`, exactly, without resizing it with Pillow.
@@ -163,16 +168,12 @@ def pillow_patch_mask(
         proven = _pixels(alpha, vert, horiz, ys[py] + at // p, xs[px] + at % p, vertical_first=order) > 0
         mask[py[proven], px[proven]] = 1
         open_[py[~proven], px[~proven]] = True
-    for i, j in zip(*np.nonzero(open_), strict=True):
-        r0, r1, c0, c1 = row_lo[i], row_hi[i], col_lo[j], col_hi[j]
-        src = alpha[r0:r1, c0:c1]
-        if not src.any():
-            continue
-        hm = _matrix(w, resized_hw[1], resample, xs[j], xs[j] + p, c0, c1).T
-        vm = _matrix(h, resized_hw[0], resample, ys[i], ys[i] + p, r0, r1)
-        f = src.astype(np.float64)
-        out = _clip8(vm @ f) @ hm if order else vm @ _clip8(f @ hm)
-        mask[i, j] = bool((out + _HALF >= float(1 << _PRECISION_BITS)).any())
+    oi, oj = np.nonzero(open_)
+    if len(oi):
+        rows, cols, vm, hm = _patch_passes(h, w, resized_hw, top_left, p, grid, resample)
+        src = alpha[rows[oi][:, :, None], cols[oj][:, None, :]].astype(np.float64)  # (n, R, C)
+        out = _clip8(vm[oi] @ src) @ hm[oj] if order else vm[oi] @ _clip8(src @ hm[oj])
+        mask[oi, oj] = (out + _HALF >= float(1 << _PRECISION_BITS)).any(axis=(1, 2))
     return mask
 
 
@@ -209,10 +210,30 @@ def _touched(
     return (seen[:, col_hi] - seen[:, col_lo]) > 0
 
 
-@lru_cache(maxsize=1024)
-def _matrix(n_in: int, n_out: int, resample: str, out0: int, out1: int, in0: int, in1: int) -> np.ndarray:
-    """`_Pass.matrix` of a geometry's pass, kept: the same patches recur image after image."""
-    return _pillow_pass(n_in, n_out, resample).matrix(out0, out1, in0, in1)
+@lru_cache(maxsize=16)
+def _patch_passes(
+    h: int, w: int, resized_hw: tuple[int, int], top_left: tuple[int, int], p: int, grid: int, resample: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per patch row i and column j of a geometry, the source rows rows[i] and columns
+    cols[j] its outputs read (padded to one length, clamped to the image) and both passes
+    as matrices over them: vm[i] (p, R) and hm[j] (C, p), zero at the padding. Kept: every
+    image of a folder of renders has the same geometry."""
+    out = []
+    for n_in, n_out, start, transpose in (
+        (h, resized_hw[0], top_left[0], False),
+        (w, resized_hw[1], top_left[1], True),
+    ):
+        pas = _pillow_pass(n_in, n_out, resample)
+        firsts = start + np.arange(grid) * p
+        lo, hi = pas.first[firsts], (pas.first + pas.count)[firsts + p - 1]
+        length = int((hi - lo).max())
+        index = np.minimum(lo[:, None] + np.arange(length), n_in - 1)
+        mats = np.zeros((grid, p, length))
+        for i, (f, a, b) in enumerate(zip(firsts, lo, hi, strict=True)):
+            mats[i, :, : b - a] = pas.matrix(f, f + p, a, b)
+        out += [index, mats.transpose(0, 2, 1) if transpose else mats]
+    rows, vm, cols, hm = out
+    return rows, cols, vm, hm
 
 
 def _pixels(

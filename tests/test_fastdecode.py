@@ -290,7 +290,9 @@ def test_cli_resizer_torch_is_recorded_a_plain_append_keeps_it_and_pillow_is_ref
     part.mkdir()
     for p in sorted(image_dir.rglob("*.png"))[:2]:
         (part / p.name).write_bytes(p.read_bytes())
-    code, err = _cli([*args[:1], "-i", str(part), *args[3:], "--store", str(store), "--resizer", "torch", "--workers", "0"], capsys)
+    code, err = _cli(
+        [*args[:1], "-i", str(part), *args[3:], "--store", str(store), "--resizer", "torch", "--workers", "0"], capsys
+    )
     assert code == 0, err
     assert TORCH_MARK in _store_attrs(store)["preprocessing"]["resize"]
     code, err = _cli([*args, "--store", str(store), "--workers", "0"], capsys)

@@ -141,7 +141,11 @@ def test_the_port_of_pillows_arithmetic_is_exact_in_both_pass_orders():
         vert = resample._pillow_pass(h, new[0], method).matrix(0, new[0], 0, h)
         horiz = resample._pillow_pass(w, new[1], method).matrix(0, new[1], 0, w).T
         src = alpha.astype(np.float64)
-        out = resample._clip8(resample._clip8(vert @ src) @ horiz) if first else resample._clip8(vert @ resample._clip8(src @ horiz))
+        out = (
+            resample._clip8(resample._clip8(vert @ src) @ horiz)
+            if first
+            else resample._clip8(vert @ resample._clip8(src @ horiz))
+        )
         np.testing.assert_array_equal(out.astype(np.uint8), _pillow_alpha(alpha, new, method), err_msg=str((h, w, new)))
     assert orders == {False, True} or orders == {False}  # Pillow 13 runs some vertical passes first
 
@@ -249,8 +253,32 @@ def test_compat_scripts_keep_pillows_resize_exactly(tiny_models, tmp_path):
 
     images = _renders(tmp_path / "in", 2)
     out, pinned = tmp_path / "out", tmp_path / "pinned"
-    assert main("dino", ["--input", str(images), "--output", str(out), "--model", tiny_models["dino"], "--size", "32", "--device", "cpu", "--save_meta", "--workers", "0"]) == 0
-    build(images, BuildOptions(model=tiny_models["dino"], size=32, device="cpu", workers=0, resizer="pillow"), npy_dir=pinned)
+    assert (
+        main(
+            "dino",
+            [
+                "--input",
+                str(images),
+                "--output",
+                str(out),
+                "--model",
+                tiny_models["dino"],
+                "--size",
+                "32",
+                "--device",
+                "cpu",
+                "--save_meta",
+                "--workers",
+                "0",
+            ],
+        )
+        == 0
+    )
+    build(
+        images,
+        BuildOptions(model=tiny_models["dino"], size=32, device="cpu", workers=0, resizer="pillow"),
+        npy_dir=pinned,
+    )
     for name in ("r0", "r1"):
         assert np.load(out / f"{name}.npy").tobytes() == np.load(pinned / f"{name}.npy").tobytes()
         assert np.array_equal(np.load(out / f"{name}_mask.npy"), np.load(pinned / f"{name}_mask.npy"))
