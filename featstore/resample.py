@@ -229,7 +229,7 @@ def _patch_passes(
         length = int((hi - lo).max())
         index = np.minimum(lo[:, None] + np.arange(length), n_in - 1)
         mats = np.zeros((grid, p, length))
-        for i, (f, a, b) in enumerate(zip(firsts, lo, hi, strict=True)):
+        for i, (f, a, b) in enumerate(zip(firsts.tolist(), lo.tolist(), hi.tolist(), strict=True)):
             mats[i, :, : b - a] = pas.matrix(f, f + p, a, b)
         out += [index, mats.transpose(0, 2, 1) if transpose else mats]
     rows, vm, cols, hm = out
