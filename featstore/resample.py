@@ -165,7 +165,8 @@ def pillow_patch_mask(
     py, px = np.nonzero(seen)
     if len(py):
         at = tiles[py, px].argmax(axis=1)
-        proven = _pixels(alpha, vert, horiz, ys[py] + at // p, xs[px] + at % p, vertical_first=order) > 0
+        floor = _sure_min(h, w, *resized_hw, resample)
+        proven = _visible(alpha, vert, horiz, ys[py] + at // p, xs[px] + at % p, vertical_first=order, floor=floor)
         mask[py[proven], px[proven]] = 1
         open_[py[~proven], px[~proven]] = True
     oi, oj = np.nonzero(open_)
@@ -236,14 +237,59 @@ def _patch_passes(
     return rows, cols, vm, hm
 
 
-def _pixels(
-    alpha: np.ndarray, vert: _Pass, horiz: _Pass, y: np.ndarray, x: np.ndarray, *, vertical_first: bool
+def _visible(
+    alpha: np.ndarray, vert: _Pass, horiz: _Pass, y: np.ndarray, x: np.ndarray, *, vertical_first: bool, floor: int
 ) -> np.ndarray:
-    """Pillow's resized alpha at output pixels (y, x): both passes, only where they read."""
+    """Whether Pillow's resized alpha is > 0 at output pixels (y, x): where every source
+    pixel they read is at least `floor` (`_sure_min`), yes without arithmetic (the
+    inside of a render); elsewhere `_pixels`."""
+    src = _support(alpha, vert, horiz, y, x)
+    out = src.min(axis=(1, 2)) >= floor
+    rest = np.flatnonzero(~out)
+    if len(rest):
+        out[rest] = _pixels(alpha, vert, horiz, y[rest], x[rest], vertical_first=vertical_first, src=src[rest]) > 0
+    return out
+
+
+def _support(alpha: np.ndarray, vert: _Pass, horiz: _Pass, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """(n, taps_v, taps_h) uint8: the source pixels output pixel (y, x) reads, and past its
+    support (weight 0) its neighbours or the last row or column again."""
     h, w = alpha.shape
-    rows = np.minimum(vert.first[y, None] + np.arange(vert.k.shape[1]), h - 1)  # past the edge: weight 0
+    rows = np.minimum(vert.first[y, None] + np.arange(vert.k.shape[1]), h - 1)
     cols = np.minimum(horiz.first[x, None] + np.arange(horiz.k.shape[1]), w - 1)
-    src = alpha[rows[:, :, None], cols[:, None, :]].astype(np.float64)
+    return alpha[rows[:, :, None], cols[:, None, :]]
+
+
+@lru_cache(maxsize=64)
+def _sure_min(h: int, w: int, new_h: int, new_w: int, resample: str) -> int:
+    """The least alpha m such that Pillow's two passes over any source values in [m, 255]
+    give alpha > 0, in either order (256: none): each pass's output is at least
+    m * (its positive weights) + 255 * (its negative ones), rounded and clipped as Pillow does."""
+    passes = [_pillow_pass(w, new_w, resample).k, _pillow_pass(h, new_h, resample).k]
+    least = 0
+    for order in (passes, passes[::-1]):
+        m = np.arange(256, dtype=np.float64)
+        for k in order:
+            pos, neg = np.clip(k, 0, None).sum(axis=1), np.clip(k, None, 0).sum(axis=1)
+            m = _clip8((m[:, None] * pos[None, :] + 255.0 * neg[None, :]).min(axis=1))
+        ok = np.flatnonzero(m >= 1)
+        least = max(least, int(ok[0]) if len(ok) else 256)
+    return least
+
+
+def _pixels(
+    alpha: np.ndarray,
+    vert: _Pass,
+    horiz: _Pass,
+    y: np.ndarray,
+    x: np.ndarray,
+    *,
+    vertical_first: bool,
+    src: np.ndarray | None = None,
+) -> np.ndarray:
+    """Pillow's resized alpha at output pixels (y, x): both passes, only where they read
+    (`src`: their `_support`, when already gathered)."""
+    src = (_support(alpha, vert, horiz, y, x) if src is None else src).astype(np.float64)
     kv, kh = vert.k[y], horiz.k[x]
     if vertical_first:
         return _clip8((_clip8((src * kv[:, :, None]).sum(axis=1)) * kh).sum(axis=1))

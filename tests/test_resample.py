@@ -283,3 +283,18 @@ def test_compat_scripts_keep_pillows_resize_exactly(tiny_models, tmp_path):
         assert np.load(out / f"{name}.npy").tobytes() == np.load(pinned / f"{name}.npy").tobytes()
         assert np.array_equal(np.load(out / f"{name}_mask.npy"), np.load(pinned / f"{name}_mask.npy"))
         assert "resize" not in json.loads((out / f"{name}.json").read_text())  # the reference's keys
+
+
+@pytest.mark.parametrize(("hw", "new"), [((512, 512), (224, 224)), ((512, 512), (518, 518)), ((300, 700), (98, 230))])
+@pytest.mark.parametrize("method", ["bicubic", "bilinear"])
+def test_the_alpha_floor_that_proves_a_pixel_visible_is_sound(hw, new, method):
+    """Source alpha all >= `_sure_min` gives Pillow alpha > 0 everywhere, even with 255
+    under every negative weight; the shortcut must never call a pixel visible that Pillow
+    does not."""
+    floor = resample._sure_min(*hw, *new, method)
+    assert floor < 256
+    rng = np.random.default_rng(2)
+    for _ in range(4):
+        alpha = np.where(rng.random(hw) < 0.5, floor, 255).astype(np.uint8)
+        alpha[:, ::3] = floor  # stripes: high values where the negative lobes fall on some outputs
+        assert (_pillow_alpha(alpha, new, method) > 0).all()
