@@ -1,11 +1,11 @@
 """Feed the GPU: what one decode worker delivers, against Pillow's bare decode of the same files.
 
-    python benchmarks/feed.py             # the full run (about 8 minutes on an idle 2-core machine)
+    python benchmarks/feed.py             # the full run (about 10 minutes on an idle 2-core machine)
     python benchmarks/feed.py --quick     # does every part run? (tiny counts, about 1-2 minutes)
 
 1. choices: per-image milliseconds on one thread of every option compared (decoders,
    resizers, premultiplies, and featstore's whole `load_sample` with each resizer), on
-   each input kind, with how far each resizer's pixels are from Pillow's.
+   each input kind, with how far each resizer's pixels (and `alpha > 0`) are from Pillow's.
 2. builds: `featstore.pipeline.build` with one decode worker on the CPU, one torch thread
    in the main process, batch 16, into a .zarr store, through the encoder seam with the
    tiny random-weight model's encoder (`_memory.tiny_spec`: 2-layer, 64-wide DINOv2) whose
@@ -13,8 +13,9 @@
    (even the tiny model costs the main process more per image than a worker at 518; the
    rows "tiny model" run it, as the issue measured); for every input kind (512 and 1024 RGBA renders,
    0.5 MP and 12 MP JPEG photos, RGB PNGs), size (224, 518), source (a folder, WebDataset
-   tar shards, the test S3 server) and resizer (pillow, the default; torch, optional:
-   from the folder only).
+   tar shards, the test S3 server) and resizer (auto, the default: torch's where both
+   sides shrink 2x or more, Pillow's elsewhere, masks Pillow's; pillow; torch: from the
+   folder only; the other sources with the default).
    The rate is the worker's marginal one: images over the time between the first
    batch's arrival and the last's (start-up left out), from the build's progress
    callbacks. Beside it Pillow's bare decode (`Image.open(p).load()`) of the same files,
@@ -61,7 +62,15 @@ from run import machine_info  # noqa: E402
 
 from featstore import fastdecode  # noqa: E402
 from featstore.batches import ImageItem  # noqa: E402
-from featstore.images import DEFAULT_MAX_PIXELS, Preprocess, _decode, load_sample, resize  # noqa: E402
+from featstore.images import (  # noqa: E402
+    DEFAULT_MAX_PIXELS,
+    RESIZERS,
+    Preprocess,
+    _decode,
+    load_sample,
+    prepare,
+    resize,
+)
 from featstore.loading import random_model  # noqa: E402
 from featstore.models import lookup  # noqa: E402
 from featstore.pipeline import BuildOptions, build, model_encoder  # noqa: E402
@@ -174,7 +183,8 @@ def resizers(arrays: list[np.ndarray], size: int, repeats: int) -> dict[str, dic
     ref = [resize(a, size, pillow) for a in arrays]
     square = all(a.shape[0] == a.shape[1] for a in arrays)
     options: dict[str, Any] = {
-        "pillow (default)": lambda a: resize(a, size, pillow),
+        "auto (default)": lambda a: resize(a, size, Preprocess(resizer="auto")),
+        "pillow": lambda a: resize(a, size, pillow),
         "torch uint8 antialiased": lambda a: resize(a, size, Preprocess(resizer="torch")),
     }
     if square:  # the float32 variant is only for comparison (no crop geometry)
@@ -193,6 +203,14 @@ def resizers(arrays: list[np.ndarray], size: int, repeats: int) -> dict[str, dic
             "share_of_values_off": float((diff > 0).mean()),
             "alpha_gt0_pixels_differing": int(sum(alpha)),
         }
+    grid = size // 14
+    for name, resizer in (("auto (default)", "auto"), ("torch uint8 antialiased", "torch")):
+        # the masks featstore writes (Pillow's, computed exactly beside torch's resize)
+        pre = Preprocess(resizer=resizer)
+        out[name]["patch_masks_differing"] = sum(
+            not np.array_equal(prepare(a, size=size, grid=grid, preprocess=pre)[1], prepare(a, size=size, grid=grid)[1])
+            for a in arrays
+        )
     return out
 
 
@@ -219,7 +237,7 @@ def choices(pools: dict[str, list[Path]], sizes: list[int], repeats: int) -> dic
                     items,
                     repeats,
                 )
-                for r in ("pillow", "torch")
+                for r in RESIZERS
             }
             if kind.startswith("render"):
                 resized = [resize(a, size) for a in arrays]
@@ -351,7 +369,7 @@ def gpu_workers(results: dict[str, Any], sizes: list[int]) -> list[dict[str, Any
             need = TARGET_MFU * H100_BF16_MEASURED_TFLOPS * 1e12 / (flops["gflops"] * 1e9)
             at = 224 if size == 224 else 518
             row: dict[str, Any] = {"model": name, "size": size, "gflops": flops["gflops"], "images_per_s": need}
-            for resizer in ("pillow", "torch"):
+            for resizer in RESIZERS:
                 worker = results.get("render512", {}).get(f"{at}/folder/{resizer}", {}).get("worker_images_per_s")
                 row[f"workers_{resizer}"] = math.ceil(need / worker) if worker else None
             rows.append(row)
@@ -378,6 +396,11 @@ def print_report(report: dict[str, Any]) -> None:
                         f"  {key:<8} {name:<38} {_f(r['ms'])}  max {r['max_levels_off']} levels off, "
                         f"{100 * r['share_of_values_off']:.2f}% of values, alpha>0 differs at "
                         f"{r['alpha_gt0_pixels_differing']} px"
+                        + (
+                            f"; featstore's masks differ on {r['patch_masks_differing']} images"
+                            if "patch_masks_differing" in r
+                            else ""
+                        )
                     )
             elif key.startswith(("premultiply_", "load_sample_")):
                 for name, ms in val.items():
@@ -396,11 +419,13 @@ def print_report(report: dict[str, Any]) -> None:
         f"\n== decode workers to feed an H100 at {TARGET_MFU:.0%} of its measured bf16 matmul rate "
         f"({H100_BF16_MEASURED_TFLOPS:.0f} TFLOP/s), 512 RGBA renders, this machine's per-worker rate"
     )
-    print(f"{'model':<14} {'size':>5} {'GFLOPs':>8} {'images/s':>9} {'workers (pillow)':>17} {'(torch)':>8}")
+    print(
+        f"{'model':<14} {'size':>5} {'GFLOPs':>8} {'images/s':>9} {'workers (auto)':>15} {'(pillow)':>9} {'(torch)':>8}"
+    )
     for r in report["gpu_workers"]:
         print(
             f"{r['model']:<14} {r['size']:>5} {r['gflops']:>8.1f} {r['images_per_s']:>9.0f} "
-            f"{_f(r['workers_pillow']):>17} {_f(r['workers_torch']):>8}"
+            f"{_f(r['workers_auto']):>15} {_f(r['workers_pillow']):>9} {_f(r['workers_torch']):>8}"
         )
 
 
@@ -409,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=float, default=1.0, help="scale of the per-kind image counts")
     ap.add_argument("--kinds", default=",".join(KINDS), help="input kinds, comma-separated")
     ap.add_argument("--sizes", default="224,518")
-    ap.add_argument("--resizers", default="pillow,torch")
+    ap.add_argument("--resizers", default=",".join(RESIZERS), help="the first is used for tar shards and S3")
     ap.add_argument("--repeats", type=int, default=2, help="best of N (choices and builds)")
     ap.add_argument("--pool", type=int, default=8, help="distinct images per kind (12 MP: a quarter)")
     ap.add_argument("--no-s3", action="store_true", help="skip the S3 source (no `weed` binary)")
@@ -428,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(torch.device("cpu")),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "fast_png_decoder": "pyspng" if fastdecode.available() else None,
-        "preprocessing": {r: Preprocess(resizer=r).describe_resize() for r in ("pillow", "torch")},
+        "preprocessing": {r: Preprocess(resizer=r).describe_resize() for r in RESIZERS},
         "sources": {
             "h100_bf16_measured_tflops": "8192^3 bf16 matmul on an H100 (project perf notes)",
             "target_mfu": "benchmarks/README.md Targets (CUDA MFU >= 0.45)",

@@ -241,6 +241,8 @@ class EncodingInfo:
             "grid_size": self.grid,
             "hidden_dim": self.hidden_dim,
             **({"layers": list(self.layers), "norm": self.norm} if self.layers or self.norm else {}),
+            # rows resized by torch's kernels (anywhere) say so; Pillow's keep the reference's keys
+            **({"resize": self.resize} if "torch" in self.resize else {}),
         }
 
 

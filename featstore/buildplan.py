@@ -22,7 +22,7 @@ from featstore.outputs import check_outputs
 from featstore.sources import Source, as_source
 from featstore.store.guard import StartGuard, output_identity
 from featstore.store.location import Location, as_location
-from featstore.store.writer import has_open_plan, refuse_busy_store
+from featstore.store.writer import has_open_plan, recorded_resizer, refuse_busy_store
 
 if TYPE_CHECKING:
     from featstore.loading import LoadedModel
@@ -110,6 +110,7 @@ def _check_distinct(targets: list[Target], stores: list[Location | None], npy_di
 def plan_build(input_dir: str | os.PathLike[str] | Source, targets: list[Target], share: Share | None) -> BuildPlan:
     """Check every option and output and list the input: one line for anything wrong,
     before a model loads or an output is created."""
+    targets = list(targets)
     several = len(targets) > 1
     for t in targets:
         if t.store is None and t.npy_dir is None:
@@ -136,9 +137,15 @@ def plan_build(input_dir: str | os.PathLike[str] | Source, targets: list[Target]
             first = found.failures[0]
             raise ConfigError(f"{source.no_images()}; {len(found.failures)} failed, first {first.key}: {first.reason}")
         raise source.no_images()
-    for where in stores:
-        if where is not None:
-            refuse_busy_store(where, leases=not share.distributed)
+    for i, where in enumerate(stores):
+        if where is None:
+            continue
+        refuse_busy_store(where, leases=not share.distributed)
+        resizer = targets[i].options.resizer
+        if resizer == "auto" and not overwrite:  # appending keeps the store's own resizer
+            targets[i] = replace(
+                targets[i], options=replace(targets[i].options, resizer=recorded_resizer(where) or resizer)
+            )
     bad_names = unusable_names(found.items)  # not UTF-8, backslash: refused per file
     items = [it for it in found.items if it.key not in bad_names]
     clashes = output_collisions(items) if any(npy_dirs) else {}

@@ -283,11 +283,13 @@ def build(
     resizer: Annotated[
         str,
         typer.Option(
-            help="pillow: Pillow's resize (exact, the default). torch: torch's uint8 antialiased resize, "
-            "about 8x faster per image but up to 2 uint8 levels off Pillow's pixels; the store records it "
-            "and refuses rows of the other resizer.",
+            help="auto (the default): torch's uint8 resize where both sides shrink 2x or more (about 8x "
+            "faster than Pillow's, within 1 level of its pixels there), Pillow's elsewhere; appending keeps "
+            "the store's own resizer. pillow: Pillow's everywhere (exact: the reference scripts' pixels). "
+            "torch: torch's everywhere (up to 2 levels off, more when squashing). Masks are Pillow's with "
+            "each; the store records the resizer and refuses rows of another one.",
         ),
-    ] = "pillow",
+    ] = "auto",
     recursive: Annotated[bool, typer.Option(help="Search subfolders of --input.")] = True,
     compile: Annotated[
         bool,

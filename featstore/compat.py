@@ -56,6 +56,7 @@ def main(kind: str, argv: list[str] | None = None) -> int:
         clip_output="projected" if getattr(args, "spatial_mode", "raw") == "processed" else "raw",
         overwrite=args.overwrite,
         recursive=False,
+        resizer="pillow",  # the reference scripts' pixels, exactly
     )
     try:
         result = build(

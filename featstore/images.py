@@ -13,6 +13,7 @@ import errno
 import io
 import os
 import stat
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +38,10 @@ RESAMPLE = {
 RESAMPLE_BY_PIL_CODE = {int(v): k for k, v in RESAMPLE.items()}
 TORCH_RESAMPLE = frozenset({"bicubic", "bilinear"})  # what torch's uint8 antialiased kernels offer
 TORCH_MARK = "torch uint8"  # in a store's recorded resize when the torch resizer made its rows
+AUTO_MIN_DOWNSCALE = 2  # "auto": torch's resize where both sides shrink by this factor or more
+# in the recorded resize of rows made by "auto" (torch's where it shrinks enough, Pillow's elsewhere)
+AUTO_MARK = f"{TORCH_MARK} where both sides shrink {AUTO_MIN_DOWNSCALE}x or more, else Pillow"
+RESIZERS = ("auto", "pillow", "torch")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,20 +53,27 @@ class Preprocess:
     # uint8: the reference scripts' truncating uint8(rgb * alpha), bands resized independently;
     # float: Pillow's RGBA resize (colour weighted by alpha), then rgb * alpha in float32 (TRELLIS)
     premultiply: str = "uint8"
-    # pillow: Pillow's resize (the default: what every store so far holds); torch: torch's
-    # uint8 antialiased kernels, 7x faster but not Pillow's pixels (up to 2 levels off on
-    # photos and renders, more on noise; see `featstore.resample`); uint8 bicubic/bilinear only
+    # pillow: Pillow's resize (exact: what the reference scripts do, and every store before
+    # "auto"); torch: torch's uint8 antialiased kernels, 7x faster but not Pillow's pixels
+    # (see `featstore.resample`); auto: torch's where both sides shrink AUTO_MIN_DOWNSCALE x
+    # or more (within 1 level there, measured), Pillow's elsewhere. torch and auto: uint8
+    # bicubic/bilinear only, and the mask is always exactly Pillow's.
     resizer: str = "pillow"
 
     def __post_init__(self) -> None:
-        if self.resizer not in ("pillow", "torch"):
-            raise ValueError(f"resizer {self.resizer!r}: expected pillow or torch")
-        if self.resizer == "torch" and (self.premultiply != "uint8" or self.resample not in TORCH_RESAMPLE):
-            raise ValueError("the torch resizer takes uint8 premultiply and bicubic or bilinear resampling")
+        if self.resizer not in RESIZERS:
+            raise ValueError(f"resizer {self.resizer!r}: expected one of {', '.join(RESIZERS)}")
+        if self.resizer != "pillow" and not self.torch_allowed():
+            raise ValueError(f"the {self.resizer} resizer takes uint8 premultiply and bicubic or bilinear resampling")
+
+    def torch_allowed(self) -> bool:
+        """Whether torch's kernels can stand in for Pillow's here (not for TRELLIS's float lines)."""
+        return self.premultiply == "uint8" and self.resample in TORCH_RESAMPLE
 
     def describe_resize(self) -> str:
-        # a torch-resized store says so (stores made before say nothing: Pillow)
-        kernel = f"{self.resample} (antialiased{', ' + TORCH_MARK if self.resizer == 'torch' else ''})"
+        # torch- and auto-resized stores say so (stores made before say nothing: Pillow)
+        mark = {"pillow": "", "torch": f", {TORCH_MARK}", "auto": f", {AUTO_MARK}"}[self.resizer]
+        kernel = f"{self.resample} (antialiased{mark})"
         if self.resize == "squash":
             return f"squash to size x size, {kernel}"
         return f"shorter-side {kernel}, center crop"
@@ -319,21 +331,30 @@ def resize(rgba: np.ndarray, size: int, preprocess: Preprocess = DEFAULT_PREPROC
     """`rgba` (4 channels, or 3) at `size x size` by the policy (every band resampled independently)."""
     if rgba.shape[:2] == (size, size):
         return rgba
-    if preprocess.resizer == "torch":
-        return _torch_resize(rgba, size, preprocess)
-    return np.asarray(_resize(_bands(rgba), size, preprocess))
+    plan = _torch_plan(rgba.shape[0], rgba.shape[1], size, preprocess)
+    if plan is None:
+        return np.asarray(_resize(_bands(rgba), size, preprocess))
+    return _torch_resize(rgba, size, plan, preprocess.resample)
 
 
-def _torch_resize(pixels: np.ndarray, size: int, preprocess: Preprocess) -> np.ndarray:
+def _torch_plan(h: int, w: int, size: int, preprocess: Preprocess) -> tuple[int, int, int, int] | None:
+    """Where torch resizes this image (by `preprocess.resizer`): the resized (height, width)
+    and the crop's (top, left); None where Pillow does."""
+    if preprocess.resizer == "pillow" or (h, w) == (size, size):
+        return None
+    plan = (size, size, 0, 0) if preprocess.resize == "squash" else _crop_geometry(h, w, size)
+    if max(plan[:2]) > MAX_RESIZED_SIDE * size:  # extreme aspect: Pillow's box path
+        return None
+    if preprocess.resizer == "auto" and not (h >= AUTO_MIN_DOWNSCALE * plan[0] and w >= AUTO_MIN_DOWNSCALE * plan[1]):
+        return None
+    return plan
+
+
+def _torch_resize(pixels: np.ndarray, size: int, plan: tuple[int, int, int, int], method: str) -> np.ndarray:
     from featstore import resample
 
-    h, w = pixels.shape[:2]
-    if preprocess.resize == "squash":
-        return resample.resize(pixels, (size, size), preprocess.resample)
-    new_h, new_w, top, left = _crop_geometry(h, w, size)
-    if max(new_h, new_w) > MAX_RESIZED_SIDE * size:  # extreme aspect: Pillow's box path
-        return np.asarray(_resize_crop(_bands(pixels), size, preprocess.resample))
-    out = resample.resize(pixels, (new_h, new_w), preprocess.resample)
+    new_h, new_w, top, left = plan
+    out = resample.resize(pixels, (new_h, new_w), method)
     return out if (new_h, new_w) == (size, size) else np.ascontiguousarray(out[top : top + size, left : left + size])
 
 
@@ -386,9 +407,10 @@ def _float_premultiply_table() -> np.ndarray:
     return (v[None, :] / 255 * v[:, None] / 255 * 255).astype(np.uint8)
 
 
+_TABLE = _float_premultiply_table()
 # (c * a) // 255 is the exact quotient; float64 rounding puts 12 of the 65,536 pairs just
 # below their integer, and truncation then gives one less. Those pairs, and their alphas:
-_BELOW = ((np.arange(256)[:, None] * np.arange(256)[None, :]) // 255 - _float_premultiply_table()).astype(np.uint8)
+_BELOW = ((np.arange(256)[:, None] * np.arange(256)[None, :]) // 255 - _TABLE).astype(np.uint8)
 _BELOW_ALPHA = _BELOW.any(axis=1)
 
 
@@ -397,15 +419,39 @@ def premultiply(rgba: np.ndarray) -> np.ndarray:
     integers: identical for every (colour, alpha) pair (tested on all 65,536), several
     times faster than the float64 arithmetic.
 
-    Where alpha is 255 everywhere (photos) that is the identity for every value 0..255
-    (tested), so opaque images skip the arithmetic.
+    Where alpha is 255 that is the identity for every value 0..255 (tested), and where it
+    is 0 it is 0: `colour & alpha` for both, one pass. So opaque images are a copy, and
+    renders (alpha 0 or 255 but at their edges) do the arithmetic at their edges only.
     """
-    if rgba[..., 3].min() == 255:
-        return np.ascontiguousarray(rgba[..., :3])
-    flat = rgba.reshape(-1, 4)  # channel by channel: numpy is slow over a last axis of 3
+    rgba = np.ascontiguousarray(rgba)
+    flat = rgba.reshape(-1, 4)
+    if sys.byteorder == "little":  # each pixel as a uint32 whose top byte is its alpha: whole-word passes
+        words = flat.view(np.uint32).reshape(-1)
+        if words.min() >= 255 << 24:
+            return np.ascontiguousarray(rgba[..., :3])
+        partial = np.flatnonzero(words - np.uint32(1 << 24) < np.uint32(254 << 24))  # 0 < alpha < 255
+    else:
+        if flat[:, 3].min() == 255:
+            return np.ascontiguousarray(rgba[..., :3])
+        partial = np.flatnonzero(flat[:, 3] - np.uint8(1) < 254)  # 0 wraps to 255
+    if 4 * len(partial) > len(flat):  # soft alpha nearly everywhere: the arithmetic everywhere
+        return _premultiplied(flat).reshape(*rgba.shape[:2], 3)
+    import torch
+
+    with warnings.catch_warnings():  # a read-only array is only read
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(np.ascontiguousarray(rgba))
+    out = torch.bitwise_and(t[..., :3], t[..., 3:]).numpy()  # (h, w, 3), contiguous
+    if len(partial):  # the edges: the reference's own results, looked up
+        out.reshape(-1, 3)[partial] = _TABLE[flat[partial, 3:4], flat[partial, :3]]
+    return out
+
+
+def _premultiplied(flat: np.ndarray) -> np.ndarray:
+    """(n, 4) RGBA -> (n, 3): the reference's truncating premultiply, for any alphas."""
     a = flat[:, 3].astype(np.uint16)
     out = np.empty((len(flat), 3), np.uint8)
-    for c in range(3):
+    for c in range(3):  # channel by channel: numpy is slow over a last axis of 3
         p = flat[:, c] * a
         p += 1 + (p >> 8)  # then p >> 8 is p // 255 for every p <= 255 * 255 (tested), without a division
         p >>= 8
@@ -413,7 +459,7 @@ def premultiply(rgba: np.ndarray) -> np.ndarray:
     odd = np.flatnonzero(_BELOW_ALPHA[flat[:, 3]])  # pixels whose alpha has a pair truncated lower
     if len(odd):
         out[odd] -= _BELOW[flat[odd, 3:4], flat[odd, :3]]
-    return out.reshape(*rgba.shape[:2], 3)
+    return out
 
 
 def float_premultiplied(im: Image.Image, size: int, preprocess: Preprocess) -> tuple[np.ndarray, np.ndarray | None]:
@@ -446,13 +492,33 @@ def prepare(
     if isinstance(pixels, Image.Image) or pixels.shape[2] == 3:
         # Opaque: resized alpha stays 255 (tested), so premultiplying changes nothing and
         # every patch is foreground. 1.3 ms less per 500x375 JPEG than the RGBA path.
-        if isinstance(pixels, Image.Image) and preprocess.resizer == "pillow":
+        h, w = (pixels.height, pixels.width) if isinstance(pixels, Image.Image) else pixels.shape[:2]
+        if isinstance(pixels, Image.Image) and _torch_plan(h, w, size, preprocess) is None:
             rgb = np.asarray(_resize(pixels, size, preprocess))
         else:
             rgb = resize(np.asarray(pixels), size, preprocess)
         return rgb, np.ones((grid, grid), np.uint8)
-    rgba = resize(pixels, size, preprocess)
-    return premultiply(rgba), patch_mask(rgba[..., 3], grid)
+    plan = _torch_plan(pixels.shape[0], pixels.shape[1], size, preprocess)
+    if plan is None:
+        rgba = resize(pixels, size, preprocess)
+        return premultiply(rgba), patch_mask(rgba[..., 3], grid)
+    rgba = _torch_resize(pixels, size, plan, preprocess.resample)
+    return premultiply(rgba), _exact_mask(pixels, rgba[..., 3], plan, grid, preprocess)
+
+
+def _exact_mask(
+    pixels: np.ndarray, hint: np.ndarray, plan: tuple[int, int, int, int], grid: int, preprocess: Preprocess
+) -> np.ndarray:
+    """Pillow's mask where torch resized the pixels: torch's `alpha > 0` can differ from
+    Pillow's at faint edge pixels, and masks must not differ (see `featstore.resample`)."""
+    from featstore import resample
+
+    mask = resample.pillow_patch_mask(pixels, hint, plan[:2], plan[2:], grid, preprocess.resample)
+    if mask is not None:
+        return mask
+    # Pillow's pass order for this geometry unknown: Pillow's own resize of the alpha band
+    alpha = Image.fromarray(np.ascontiguousarray(pixels[..., 3]), "L")
+    return patch_mask(np.asarray(_resize(alpha, hint.shape[0], preprocess)), grid)
 
 
 _MODES = {3: "RGB", 4: "RGBA"}

@@ -10,7 +10,7 @@ import torch
 
 from featstore.errors import ConfigError
 from featstore.imagecheck import DEFAULT_MAX_IMAGE_BYTES
-from featstore.images import DEFAULT_MAX_PIXELS
+from featstore.images import DEFAULT_MAX_PIXELS, RESIZERS
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,7 +26,7 @@ class BuildOptions:
     recursive: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # per image file, refused before reading (memory bound)
-    resizer: str = "pillow"  # pillow (exact, the default) | torch (faster, up to 2 levels off: Preprocess.resizer)
+    resizer: str = "auto"  # auto | pillow (exact) | torch (Preprocess.resizer); auto appends keep a store's own
     compile: bool = False  # torch.compile the model (CUDA: worth it for long runs)
     layers: tuple[int, ...] | None = None  # hidden_states indices; None: the family's standard output
     norm: str | None = None  # model | none | plain; None: what the family's standard output applies
@@ -76,6 +76,6 @@ def check_options(options: BuildOptions) -> None:
         raise ConfigError(f"--clip-output {options.clip_output!r}: expected raw or projected")
     if options.precision is not None and options.precision not in ("fp32", "fp16", "bf16"):
         raise ConfigError(f"--precision {options.precision!r}: expected fp32, fp16 or bf16")
-    if options.resizer not in ("pillow", "torch"):
-        raise ConfigError(f"--resizer {options.resizer!r}: expected pillow or torch")
+    if options.resizer not in RESIZERS:
+        raise ConfigError(f"--resizer {options.resizer!r}: expected {', '.join(RESIZERS)}")
     resolve_device(options.device)

@@ -211,9 +211,10 @@ def model_encoder(
 
 
 def _with_resizer(loaded: LoadedModel, resizer: str) -> LoadedModel:
-    """`loaded` whose preprocessing resizes with `resizer` (what the store then records)."""
+    """`loaded` whose preprocessing resizes with `resizer` (what the store then records);
+    "auto" leaves presets that torch cannot stand in for (TRELLIS's lines) on Pillow's."""
     pre = loaded.spec.preprocess
-    if pre.resizer == resizer:
+    if pre.resizer == resizer or (resizer == "auto" and not pre.torch_allowed()):
         return loaded
     try:
         new = replace(pre, resizer=resizer)

@@ -17,7 +17,7 @@ from PIL import Image, PngImagePlugin
 from featstore import fastdecode
 from featstore.batches import EncodingInfo, ImageItem
 from featstore.errors import IncompatibleStoreError
-from featstore.images import DEFAULT_MAX_PIXELS, TORCH_MARK, Preprocess, _decode, load_sample, premultiply
+from featstore.images import AUTO_MARK, DEFAULT_MAX_PIXELS, TORCH_MARK, Preprocess, _decode, load_sample, premultiply
 from featstore.models.presets import TRELLIS_PREPROCESS
 from featstore.pipeline import BuildOptions, build
 from featstore.store.base import resized_by
@@ -276,18 +276,33 @@ def test_stores_recorded_before_the_torch_resizer_read_as_pillow():
     assert resized_by(replace(old, resize=Preprocess(resizer="torch").describe_resize())) == "torch"
 
 
-def test_cli_resizer_torch_is_recorded_and_a_plain_append_is_refused(tiny_models, image_dir, tmp_path, capsys):
+def test_cli_resizer_torch_is_recorded_a_plain_append_keeps_it_and_pillow_is_refused(
+    tiny_models, image_dir, tmp_path, capsys
+):
     """`build --resizer torch` through the real CLI and model loading: the store records the
-    torch resizer; the same command without it (Pillow) is refused with one line."""
+    torch resizer; the same command without --resizer (auto) appends with torch's; an
+    explicit `--resizer pillow` is refused with one line."""
     from tests.test_reliability import _cli
 
     store = tmp_path / "t.zarr"
     args = ["build", "-i", str(image_dir), "-m", tiny_models["dino"], "--size", "32", "--device", "cpu"]
-    code, err = _cli([*args, "--store", str(store), "--resizer", "torch", "--workers", "0"], capsys)
+    part = tmp_path / "part"
+    part.mkdir()
+    for p in sorted(image_dir.rglob("*.png"))[:2]:
+        (part / p.name).write_bytes(p.read_bytes())
+    code, err = _cli(
+        [*args[:1], "-i", str(part), *args[3:], "--store", str(store), "--resizer", "torch", "--workers", "0"], capsys
+    )
     assert code == 0, err
     assert TORCH_MARK in _store_attrs(store)["preprocessing"]["resize"]
     code, err = _cli([*args, "--store", str(store), "--workers", "0"], capsys)
+    assert code == 0, err
+    resize = _store_attrs(store)["preprocessing"]["resize"]
+    assert TORCH_MARK in resize and AUTO_MARK not in resize
+    code, err = _cli([*args, "--store", str(store), "--workers", "0", "--resizer", "pillow", "--overwrite"], capsys)
+    assert code == 0, err  # --overwrite: a new store, Pillow's
+    code, err = _cli([*args, "--store", str(store), "--workers", "0", "--resizer", "torch"], capsys)
     lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and "resized by torch" in lines[0], err
+    assert code == 2 and len(lines) == 1 and "resized by pillow but this build resizes with torch" in lines[0], err
     code, err = _cli([*args, "--store", str(tmp_path / "u.zarr"), "--resizer", "opencv"], capsys)
     assert code == 2 and "--resizer 'opencv'" in err and not (tmp_path / "u.zarr").exists(), err

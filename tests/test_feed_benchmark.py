@@ -35,8 +35,15 @@ def test_feed_benchmark_quick(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert "torch uint8" in report["preprocessing"]["torch"] and "torch" not in report["preprocessing"]["pillow"]
+    assert "else Pillow" in report["preprocessing"]["auto"]
     render = report["builds"]["render512"]
-    for key in ("224/folder/pillow", "224/folder/torch", "224/tar/pillow", "224/folder/pillow/tiny model"):
+    for key in (
+        "224/folder/auto",
+        "224/folder/pillow",
+        "224/folder/torch",
+        "224/tar/auto",
+        "224/folder/auto/tiny model",
+    ):
         assert render[key]["images"] == render["images"] and render[key]["failed"] == 0, key
         assert render[key]["ratio_to_pillow_bare_decode"] > 0
     decoders = report["choices"]["render512"]["decode_ms"]
@@ -44,3 +51,9 @@ def test_feed_benchmark_quick(tmp_path: Path) -> None:
     assert report["choices"]["photo05"]["decode_ms"]["featstore fastdecode (pyspng)"] is None  # JPEG: declined
     assert {r["model"] for r in report["gpu_workers"]} == {"ViT-B/32", "ViT-L/14", "dinov2-large"}
     assert "decode workers to feed an H100" in proc.stdout
+    resized = report["choices"]["render512"]["resize_224"]
+    assert (
+        resized["auto (default)"]["patch_masks_differing"]
+        == 0
+        == resized["torch uint8 antialiased"]["patch_masks_differing"]
+    )

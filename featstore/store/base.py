@@ -36,7 +36,7 @@ import numpy as np
 
 from featstore.batches import EncodedBatch, EncodingInfo, Failure, ImageItem
 from featstore.errors import CorruptStoreError, IncompatibleStoreError, StoreError
-from featstore.images import TORCH_MARK
+from featstore.images import AUTO_MARK, TORCH_MARK
 from featstore.store.location import Format, Location, as_location
 
 LAYOUT_VERSION = 2  # 1: featstore 0.1 (a num_rows attribute); 2: shards commit themselves
@@ -189,8 +189,10 @@ def check_arrays(
 
 
 def resized_by(info: EncodingInfo) -> str:
-    """Which resizer made a store's rows: its recorded resize names torch's, or Pillow's
-    (every store made before the torch resizer existed)."""
+    """Which resizer made a store's rows: its recorded resize names auto's or torch's, or
+    Pillow's (every store made before the torch resizer existed)."""
+    if AUTO_MARK in info.resize:
+        return "auto"
     return "torch" if TORCH_MARK in info.resize else "pillow"
 
 

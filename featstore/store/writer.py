@@ -134,6 +134,19 @@ def open_store_writer(
     return StoreWriter(location, info, sink)
 
 
+def recorded_resizer(where: str | os.PathLike[str] | Location) -> str | None:
+    """The resizer that made the rows of the store at `where` (`base.resized_by`), or None
+    where there is no readable store yet (what the build's own opening then says)."""
+    from featstore.store import open_store
+    from featstore.store.base import resized_by
+
+    try:
+        with open_store(where) as store:
+            return resized_by(store.info)
+    except Exception:  # no store, one being made, a damaged one: the writer's checks speak
+        return None
+
+
 def has_open_plan(where: str | os.PathLike[str] | Location) -> bool:
     """Whether the Zarr store at `where` has a distributed build's plan not yet finalized
     (a build of it should go on unit by unit, whatever the number of processes)."""
