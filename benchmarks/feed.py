@@ -312,7 +312,8 @@ def _best(
     bare: float,
     null: bool = True,
 ) -> dict[str, Any]:
-    print(f"build: {source} {size} {resizer}{'' if null else ' (tiny model)'} ...", file=sys.stderr)
+    shown = getattr(source, "text", source)
+    print(f"build: {shown} {size} {resizer}{'' if null else ' (tiny model)'} ...", file=sys.stderr)
     runs = [build_rate(source, loaded, size, resizer, work / "out.zarr", null=null) for _ in range(args.repeats)]
     best = max(runs, key=lambda r: r["worker_images_per_s"])
     best["ratio_to_pillow_bare_decode"] = best["worker_images_per_s"] / bare

@@ -69,11 +69,13 @@ def save_models(root: Path, width: int) -> list[tuple[str, str, int]]:
 
 
 def specs_of(models: list[tuple[str, str, int]]) -> list[InputSpec]:
+    """What each model takes from an image in a build with the default options (resizer auto)."""
     from featstore.loading import load_model
+    from featstore.pipeline import _with_resizer
 
     specs = []
     for _name, folder, size in models:
-        spec = load_model(folder).spec
+        spec = _with_resizer(load_model(folder), "auto").spec
         specs.append(InputSpec(size, spec.grid(size), spec.preprocess))
     return specs
 
