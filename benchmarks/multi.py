@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
@@ -170,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     report = {
         "benchmark": "multi",
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads()},
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "torch_threads": torch.get_num_threads(),
         "images": args.images,
         "decode_side_models": [m[0] for m in order],
         "decode_side": side,
