@@ -319,7 +319,6 @@ def build(
     from dataclasses import replace
 
     from featstore.launch import detect_share
-    from featstore.models import parse_layers
     from featstore.pipeline import BuildOptions
     from featstore.pipeline import build as run_build
 
@@ -340,25 +339,13 @@ def build(
         compile=compile,
     )
     if len(groups) == 1:  # one model: the options as parsed
-        if fp16 and precision is not None and precision is not Precision.fp16:
-            raise typer.BadParameter("--fp16 conflicts with --precision " + precision.value)
-        one: dict[str, Any] = {
-            "model": model,
-            "size": size,
-            "precision": "fp16" if fp16 else (precision.value if precision else None),
-            "clip_output": clip_output.value,
-            "resizer": resizer,
-            "layers": parse_layers(layers) if layers is not None else None,
-            "norm": norm.value if norm else None,
-            "preset": preset,
-            "embedding": embedding,
-        }
-        outputs = [(replace(shared, **one), store, npy_dir)]
+        parsed: dict[str, Any] = dict(model=model, preset=preset, store=store, npy_dir=npy_dir, size=size)
+        parsed |= dict(precision=precision, fp16=fp16, clip_output=clip_output, layers=layers, norm=norm)
+        parsed |= dict(embedding=embedding, resizer=resizer)
+        per_model = [{k: v for k, v in parsed.items() if v is not None}]
     else:
-        outputs = [
-            (replace(shared, **_model_options(g.values)), g.values.get("store"), g.values.get("npy_dir"))
-            for g in groups
-        ]
+        per_model = [g.values for g in groups]
+    outputs = [(replace(shared, **_model_options(v)), v.get("store"), v.get("npy_dir")) for v in per_model]
     from featstore.pipeline import Target
     from featstore.sources import as_source
     from featstore.store.location import as_location, parse_storage_options
@@ -401,7 +388,8 @@ def build(
 
 
 def _model_options(values: dict[str, Any]) -> dict[str, Any]:
-    """One model's `BuildOptions` fields from its options on a command line of several."""
+    """One model's `BuildOptions` fields from its options: as parsed (one model), or as
+    `featstore.cli_groups` read them from a command line of several."""
     from featstore.models import parse_layers
 
     precision = values.get("precision")

@@ -120,12 +120,12 @@ class Scheduler:
         stop: StopRequest | None,
         unit_images: int,
     ) -> Scheduler:
-        """The build's plan (its stores', or the listing's without one) and this process's scheduler."""
-        keys = [it.key for it in items if not all(it.key in m.excluded for m in models)]
+        """The build's plan (its stores', or the listing's without one) and this process's
+        scheduler. `items`: the listing (`featstore.buildplan` has left out what no model takes)."""
+        keys = [it.key for it in items]
         stores = [m for m in models if m.store is not None]
         if not stores:
-            by_key = {it.key: it for it in items}
-            return cls(listing_plan(keys, unit_images), [by_key[k] for k in keys], share, models=models, stop=stop)
+            return cls(listing_plan(keys, unit_images), items, share, models=models, stop=stop)
         # units are whole shards of every store: a multiple of the largest shard (powers of two)
         largest = max(m.unit_store.shard_rows for m in stores)
         unit_images = -(-unit_images // largest) * largest

@@ -335,13 +335,14 @@ class _Work:
 
 def single_process_work(plan: BuildPlan, encoders: list[ModelEncoder], outputs: list[_Outputs]) -> _Work:
     """One work unit: every image some model's outputs still lack."""
-    needs = []
+    needs, skipped = [], []
     for m, out in enumerate(outputs):
         keys = plan.keys_for(m)
         pending: set[str] = set()
         for w in out.writers:
             pending |= w.pending(keys)
         needs.append(pending)
+        skipped.append(len(keys) - len(pending))
     every = set().union(*needs)
     todo = [it for it in plan.items if it.key in every]
     one = len(outputs) == 1
@@ -349,7 +350,6 @@ def single_process_work(plan: BuildPlan, encoders: list[ModelEncoder], outputs: 
         Lane(enc, out.writers, None if one else need, plan.failures_for(m))
         for m, (enc, out, need) in enumerate(zip(encoders, outputs, needs, strict=True))
     ]
-    skipped = [len(plan.keys_for(m)) - len(need) for m, need in enumerate(needs)]
     return _Work(lanes, len(todo), lambda reader: reader.batches(todo), skipped=skipped)
 
 
