@@ -112,3 +112,24 @@ def test_the_cli_help_and_the_package_description_name_every_family():
     assert set(FAMILIES) == set(names)  # a new family: name it in all three places
     for text in (description, intro, helptext):
         assert all(n in text for n in names.values()) and "LAION" in text, text
+
+
+def test_several_models_command_runs(tiny_models, tmp_path):
+    """The command of "Several models from one decode", as written, with tiny models."""
+    cmd = shlex.split(_block("### Several models from one decode", "bash").replace("\\\n", " "))
+    assert cmd[:2] == ["featstore", "build"]
+    models = {
+        "dinov2-large": tiny_models["dino"],
+        "ViT-L/14": tiny_models["clip"],
+        "google/siglip-so400m-patch14-384": tiny_models["siglip"],
+    }
+    args: list[str] = []
+    for a in cmd[1:]:
+        args.append(str(REPO / "tests/data/images") if a == "renders/" else models.get(a, a))
+        if a in models:  # the tiny models' own size, for the model it follows
+            args += ["--size", "32"]
+    p = featstore(*args, "--device", "cpu", cwd=tmp_path)
+    assert "decoded 4 once for 3 models" in p.stderr, p.stderr
+    for out in ("dino.zarr", "clip.zarr, clip_npy", "siglip.zarr"):
+        assert f"{out}: encoded 4, skipped 0, failed 0" in p.stderr, p.stderr
+    assert (tmp_path / "clip_npy" / "landscape.npy").exists()
