@@ -5,7 +5,9 @@
 
 1. choices: per-image milliseconds on one thread of every option compared (decoders,
    resizers, premultiplies, and featstore's whole `load_sample` with each resizer), on
-   each input kind, with how far each resizer's pixels (and `alpha > 0`) are from Pillow's.
+   each input kind, with how far each resizer's pixels (and `alpha > 0`) are from Pillow's;
+   measured in a forked process set up as a decode worker is (it keeps freed memory,
+   `featstore.heap`), and the decoders again in one with glibc's default thresholds.
 2. builds: `featstore.pipeline.build` with one decode worker on the CPU, one torch thread
    in the main process, batch 16, into a .zarr store, through the encoder seam with the
    tiny random-weight model's encoder (`_memory.tiny_spec`: 2-layer, 64-wide DINOv2) whose
@@ -62,6 +64,7 @@ from run import machine_info  # noqa: E402
 
 from featstore import fastdecode  # noqa: E402
 from featstore.batches import ImageItem  # noqa: E402
+from featstore.heap import keep_freed_memory  # noqa: E402
 from featstore.images import (  # noqa: E402
     DEFAULT_MAX_PIXELS,
     RESIZERS,
@@ -149,10 +152,13 @@ def decoders(paths: list[Path], repeats: int) -> dict[str, float | None]:
         ),
     }
     fast = fastdecode.png(str(paths[0]), max_pixels=DEFAULT_MAX_PIXELS)
-    out["featstore fastdecode (pyspng)"] = (
+    out[FAST] = (
         per_image_ms(lambda p: fastdecode.png(str(p), max_pixels=DEFAULT_MAX_PIXELS), paths, repeats)
         if fast is not None
         else None
+    )
+    out["pyspng alone (libspng inflates with zlib)"] = (
+        per_image_ms(lambda p: fastdecode.pyspng.load(p.read_bytes()), paths, repeats) if fast is not None else None
     )
     try:
         import imagecodecs
@@ -169,6 +175,23 @@ def decoders(paths: list[Path], repeats: int) -> dict[str, float | None]:
     except ImportError:
         out["opencv imdecode (BGR order)"] = None
     return out
+
+
+FAST = "featstore fastdecode (libdeflate + libspng)"
+
+
+def in_worker(fn: Any, *args: Any, keep: bool = True) -> Any:
+    """`fn(*args)` in a forked process set up as a decode worker is (`featstore.heap`
+    keeps freed memory), or with glibc's default malloc thresholds (`keep=False`)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(1, initializer=keep_freed_memory if keep else None) as pool:
+        return pool.apply(fn, args)
+
+
+def decode_defaults(pools: dict[str, list[Path]], repeats: int) -> dict[str, Any]:
+    """The decode rows again, in a process that hands freed memory back to the system."""
+    return {kind: decoders(paths, repeats) for kind, paths in pools.items()}
 
 
 def _torch_float(pixels: np.ndarray, size: int) -> np.ndarray:
@@ -389,7 +412,9 @@ def print_report(report: dict[str, Any]) -> None:
     for kind, entry in report["choices"].items():
         print(f"\n{kind}: {KINDS[kind]['what']}")
         for name, ms in entry["decode_ms"].items():
-            print(f"  decode   {name:<38} {_f(ms)}")
+            print(f"  decode   {name:<44} {_f(ms)}")
+        for name, ms in report["decode_ms_glibc_defaults"][kind].items():
+            print(f"  decode   {name:<44} {_f(ms)}  (freed memory handed back: glibc's defaults)")
         for key, val in entry.items():
             if key.startswith("resize_"):
                 for name, r in val.items():
@@ -453,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "machine": machine_info(torch.device("cpu")),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "fast_png_decoder": "pyspng" if fastdecode.available() else None,
+        "fast_png_decoder": "libdeflate (deflate) + libspng (pyspng)" if fastdecode.available() else None,
         "preprocessing": {r: Preprocess(resizer=r).describe_resize() for r in RESIZERS},
         "sources": {
             "h100_bf16_measured_tflops": "8192^3 bf16 matmul on an H100 (project perf notes)",
@@ -468,7 +493,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"making {kind} ...", file=sys.stderr)
             n = max(1, args.pool // 4) if kind == "photo12" else args.pool
             pools[kind] = make_pool(work / f"pool-{kind}", kind, n, seed=i)
-        report["choices"] = choices(pools, args.sizes, args.repeats)
+        print("choices, in a process set up as a decode worker ...", file=sys.stderr)
+        report["choices"] = in_worker(choices, pools, args.sizes, args.repeats)
+        print("decoders, with glibc's default malloc thresholds ...", file=sys.stderr)
+        report["decode_ms_glibc_defaults"] = in_worker(decode_defaults, pools, args.repeats, keep=False)
         torch.set_num_threads(1)  # the main process leaves the other core to the worker
         loaded = random_model(_memory.tiny_spec())
         server = None

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from featstore.batches import BatchInput, Failure, ImageBatch, ImageItem, Sample
 from featstore.errors import DecodeWorkersError, FeatstoreError, ImageError, StorageTimeoutError
+from featstore.heap import keep_freed_memory
 from featstore.imagecheck import DEFAULT_MAX_IMAGE_BYTES, check_size
 from featstore.images import DEFAULT_MAX_PIXELS, DEFAULT_PREPROCESS, Preprocess
 from featstore.samples import InputSpec, load_views
@@ -207,7 +208,13 @@ def collate(samples: list[Sample]) -> ImageBatch:
     return ImageBatch([s.item for s in ok], inputs, hw, failures)
 
 
-def _ignore_stop_signals(_worker_id: int) -> None:
+def _start_worker(_worker_id: int) -> None:
+    """A decode worker's set-up: it ignores stop signals and keeps freed memory (`featstore.heap`)."""
+    _ignore_stop_signals()
+    keep_freed_memory()
+
+
+def _ignore_stop_signals() -> None:
     # Ctrl-C in a terminal (and SIGTERM/SIGHUP sent to the whole process group, as
     # systemd and SLURM do) reach the decode workers too. The main process decides
     # when to stop and shuts the workers down; a worker dying on its own would turn a
@@ -318,7 +325,7 @@ class ImageReader:
             pin_memory=self.pin,
             prefetch_factor=PREFETCH if workers else None,
             persistent_workers=False,
-            worker_init_fn=_ignore_stop_signals if workers else None,
+            worker_init_fn=_start_worker if workers else None,
         )
 
 
@@ -459,7 +466,7 @@ class _Supervised:
                 num_workers=1,
                 collate_fn=collate,
                 prefetch_factor=1,
-                worker_init_fn=_ignore_stop_signals,
+                worker_init_fn=_start_worker,
             )
             it: Any = iter(loader)
             _unregister_sigchld(it)

@@ -29,7 +29,7 @@ import _images
 
 GRID = {224: 16, 518: 37, 64: 8}  # patch 14 (and 8 at 64)
 
-pytestmark = pytest.mark.skipif(not fastdecode.available(), reason="pyspng is not installed")
+pytestmark = pytest.mark.skipif(not fastdecode.available(), reason="pyspng or deflate is not installed")
 
 
 def _pillow_pixels(source) -> np.ndarray:
@@ -38,7 +38,7 @@ def _pillow_pixels(source) -> np.ndarray:
 
 
 def _without_fast_path(monkeypatch):
-    monkeypatch.setattr(fastdecode, "pyspng", None)
+    monkeypatch.setattr(fastdecode, "deflate", None)
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +147,71 @@ def _exif_png(orientation: int) -> bytes:
 def test_declines_what_it_does_not_read_exactly_as_pillow(name, data):
     got = fastdecode.png(data, max_pixels=DEFAULT_MAX_PIXELS)
     assert (got is not None) == (name == "plain (control)"), name
+
+
+def _split_idat(data: bytes, pieces: int, edit=None) -> bytes:
+    """`data` (one IDAT chunk) with its zlib stream, after `edit`, in `pieces` IDAT chunks."""
+    start = data.index(b"IDAT") - 4
+    length = struct.unpack(">I", data[start : start + 4])[0]
+    stream = data[start + 8 : start + 8 + length]
+    stream = edit(stream) if edit else stream
+    step = -(-len(stream) // pieces)
+    chunks = b"".join(_chunk(b"IDAT", stream[i : i + step]) for i in range(0, len(stream), step))
+    return data[:start] + chunks + data[start + 12 + length :]
+
+
+def _rows(w: int, h: int, filters: bytes = b"\x00\x01\x02\x03\x04") -> bytes:
+    """Filtered RGBA scanlines, every PNG filter in turn, of a noisy gradient."""
+    rng = np.random.default_rng(w * h)
+    return b"".join(
+        bytes([filters[y % len(filters)]]) + rng.integers(0, 256, w * 4, dtype=np.uint8).tobytes() for y in range(h)
+    )
+
+
+def _idat_png(scanlines: bytes, w: int = 40, h: int = 30, after: bytes = b"") -> bytes:
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 6, 0, 0, 0)
+    return (
+        fastdecode.SIGNATURE
+        + _chunk(b"IHDR", ihdr)
+        + _chunk(b"IDAT", zlib.compress(scanlines) + after)
+        + _chunk(b"IEND", b"")
+    )
+
+
+_SCAN = _rows(40, 30)
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "taken"),
+    [
+        ("every filter (control)", _idat_png(_SCAN), True),
+        ("in 7 IDAT chunks", _split_idat(_idat_png(_SCAN), 7), True),
+        ("bytes after the zlib stream", _idat_png(_SCAN, after=b"\x00junk"), True),
+        ("an IDAT checksum wrong", _idat_png(_SCAN)[:-16] + bytes(4) + _idat_png(_SCAN)[-12:], True),  # as Pillow
+        ("a scanline short", _idat_png(_SCAN[:-1]), False),
+        ("a scanline long", _idat_png(_SCAN + b"\x00"), False),
+        ("a row short", _idat_png(_SCAN[: -40 * 4 - 1]), False),
+        ("the stream cut", _split_idat(_idat_png(_SCAN), 1, lambda z: z[: len(z) // 2]), False),
+        ("a corrupt stream", _split_idat(_idat_png(_SCAN), 2, lambda z: z[:40] + b"\xff" + z[41:]), False),
+        ("a bad Adler-32", _split_idat(_idat_png(_SCAN), 1, lambda z: z[:-1] + bytes([z[-1] ^ 1])), False),
+        ("an unknown filter", _idat_png(_rows(40, 30, b"\x00\x05")), False),
+    ],
+)
+def test_pixel_data_is_inflated_and_checked_as_pillows_path_reads_it(name, data, taken, monkeypatch):
+    """Whatever the pixel data holds, the fast path gives Pillow's pixels or declines, and
+    a declined file gets exactly what Pillow's path gives it (pixels or its message)."""
+    got = fastdecode.png(data, max_pixels=DEFAULT_MAX_PIXELS)
+    assert (got is not None) == taken, name
+    item = ImageItem("x.png", "x.png")
+    fast = load_sample(item, size=16, grid=2, data=data)
+    _without_fast_path(monkeypatch)
+    slow = load_sample(item, size=16, grid=2, data=data)
+    assert fast.error == slow.error, name
+    if got is not None:
+        np.testing.assert_array_equal(got[0], _pillow_pixels(data), err_msg=name)
+    if slow.error is None:
+        np.testing.assert_array_equal(fast.pixels, slow.pixels, err_msg=name)
+        np.testing.assert_array_equal(fast.mask, slow.mask, err_msg=name)
 
 
 def test_declined_files_keep_pillows_behaviour(tmp_path):
