@@ -1,4 +1,4 @@
-"""Keep freed memory in a decode worker's heap instead of handing it back to the system.
+"""Keep freed memory in a decoding process's heap instead of handing it back to the system.
 
 Every image makes buffers of about its decoded size (the file's bytes, the inflated
 scanlines, the pixels, the resized copies), and glibc returns a freed block larger than
@@ -8,7 +8,8 @@ megabyte costs about 1 ms in page faults, as much as inflating a 512x512 render:
 libdeflate decode path (`featstore.fastdecode`) ran at 3.6 ms per render with glibc's
 defaults and 1.5 ms with the thresholds below (benchmarks/feed.py measures both).
 
-`keep_freed_memory()` raises both thresholds: blocks under 32 MiB come from the heap, and
+Decode workers call `keep_freed_memory()` as they start (and a build that decodes in its
+own process, `--workers 0`, calls it there). It raises both thresholds: blocks under 32 MiB come from the heap, and
 up to 64 MiB of free heap is kept for reuse. A worker's memory then stays at its peak
 plus at most 64 MiB. Only glibc has these knobs; elsewhere it does nothing.
 """

@@ -53,3 +53,10 @@ def test_every_decode_worker_keeps_freed_memory(image_dir: Path, tmp_path: Path,
     assert sum(len(b.items) for b in batches) == 5
     pids = {int(p.name) for p in marks.iterdir()}
     assert len(pids) == 2 and os.getpid() not in pids
+
+
+def test_a_build_that_decodes_in_its_own_process_keeps_freed_memory_too(image_dir: Path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(reader, "keep_freed_memory", lambda: calls.append(os.getpid()))
+    batches = list(ImageReader(size=32, grid=4, batch_size=2, workers=0).batches(discover(image_dir)))
+    assert sum(len(b.items) for b in batches) == 5 and calls == [os.getpid()]
