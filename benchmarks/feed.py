@@ -7,17 +7,20 @@
    resizers, premultiplies, and featstore's whole `load_sample` with each resizer), on
    each input kind, with how far each resizer's pixels (and `alpha > 0`) are from Pillow's;
    measured in a forked process set up as a decode worker is (it keeps freed memory,
-   `featstore.heap`), and the decoders again in one with glibc's default thresholds.
+   `featstore.heap`), and the decoders again in a new process with glibc's default thresholds.
 2. builds: `featstore.pipeline.build` with one decode worker on the CPU, one torch thread
    in the main process, batch 16, into a .zarr store, through the encoder seam with the
    tiny random-weight model's encoder (`_memory.tiny_spec`: 2-layer, 64-wide DINOv2) whose
    forward pass is replaced by zeros of its output shape, so that the worker is the limit
    (even the tiny model costs the main process more per image than a worker at 518; the
-   rows "tiny model" run it, as the issue measured); for every input kind (512 and 1024 RGBA renders,
+   rows "tiny model" run it, as the issue measured, and one row with torch's own thread
+   count in the main process, as `featstore build` starts, where `featstore.cputhreads`
+   decides); for every input kind (512 and 1024 RGBA renders,
    0.5 MP and 12 MP JPEG photos, RGB PNGs), size (224, 518), source (a folder, WebDataset
    tar shards, the test S3 server) and resizer (auto, the default: torch's where both
    sides shrink 2x or more, Pillow's elsewhere, masks Pillow's; pillow; torch: from the
-   folder only; the other sources with the default).
+   folder only; the other sources with the default). The S3 server runs only for the S3
+   builds (idle, it still takes CPU from the worker: 10-25% of its rate here).
    The rate is the worker's marginal one: images over the time between the first
    batch's arrival and the last's (start-up left out), from the build's progress
    callbacks. Beside it Pillow's bare decode (`Image.open(p).load()`) of the same files,
@@ -86,6 +89,7 @@ from featstore.sources import as_source  # noqa: E402
 # card's measured matmul rate (benchmarks/README.md, "Targets").
 H100_BF16_MEASURED_TFLOPS = 798.0
 TARGET_MFU = 0.45
+TORCH_THREADS = torch.get_num_threads()  # torch's own default here, before this script sets 1
 GPU_MODELS = (("ViT-B/32", (224, 512)), ("ViT-L/14", (224, 518)), ("dinov2-large", (224, 518)))
 
 KINDS: dict[str, dict[str, Any]] = {  # images per build at --images 1.0 (about 2-4 s of work each)
@@ -182,10 +186,13 @@ FAST = "featstore fastdecode (libdeflate + libspng)"
 
 def in_worker(fn: Any, *args: Any, keep: bool = True) -> Any:
     """`fn(*args)` in a forked process set up as a decode worker is (`featstore.heap`
-    keeps freed memory), or with glibc's default malloc thresholds (`keep=False`)."""
+    keeps freed memory), or in a new one with glibc's default malloc thresholds (`keep=False`)."""
     import multiprocessing
 
-    with multiprocessing.get_context("fork").Pool(1, initializer=keep_freed_memory if keep else None) as pool:
+    # a fresh interpreter for glibc's defaults: a forked one inherits the thresholds glibc
+    # has already adapted in this process (it raises them as large blocks are freed)
+    context = multiprocessing.get_context("fork" if keep else "spawn")
+    with context.Pool(1, initializer=keep_freed_memory if keep else None) as pool:
         return pool.apply(fn, args)
 
 
@@ -348,25 +355,18 @@ def bare_decode_rate(folder: Path, repeats: int) -> float:
     return 1e3 / per_image_ms(lambda p: Image.open(p).load(), files, repeats)
 
 
-def builds(
-    work: Path, pools: dict[str, list[Path]], args: argparse.Namespace, loaded: Any, server: Any
-) -> dict[str, Any]:
+def builds(work: Path, pools: dict[str, list[Path]], args: argparse.Namespace, loaded: Any) -> dict[str, Any]:
+    """Every build from a folder and tar shards, then (the S3 server started only now: idle,
+    it still takes CPU from the worker) from the local S3 server."""
     out: dict[str, Any] = {}
+    folders: dict[str, Path] = {}
     for kind, pool in pools.items():
         count = max(32, int(KINDS[kind]["images"] * args.images))
-        folder = _images.fill(work / f"in-{kind}", [pool], count)
+        folder = folders[kind] = _images.fill(work / f"in-{kind}", [pool], count)
         sources: dict[str, Any] = {
             "folder": as_source(folder),
             "tar": as_source(make_shards(folder, work / f"tar-{kind}", max(8, count // 4))),
         }
-        if server is not None:
-            import s3fs
-
-            fs = s3fs.S3FileSystem(**server.options, skip_instance_cache=True)
-            prefix = server.url(f"feed-{kind}")
-            for p in sorted(folder.iterdir()):
-                fs.pipe_file(f"{prefix.removeprefix('s3://')}/{p.name}", p.read_bytes())
-            sources["s3"] = as_source(prefix + "/", storage_options=server.options)
         bare = bare_decode_rate(folder, args.repeats)
         entry: dict[str, Any] = {"what": KINDS[kind]["what"], "images": count, "pillow_bare_decode_per_s": bare}
         for size in args.sizes:
@@ -377,7 +377,33 @@ def builds(
             for resizer in args.resizers:
                 key = f"224/folder/{resizer}/tiny model"
                 entry[key] = _best(sources["folder"], loaded, 224, resizer, work, args, bare, null=False)
+            one = torch.get_num_threads()
+            torch.set_num_threads(TORCH_THREADS)  # as `featstore build` starts: featstore.cputhreads adapts
+            try:
+                key = f"224/folder/{args.resizers[0]}/tiny model, {TORCH_THREADS} threads"
+                entry[key] = _best(sources["folder"], loaded, 224, args.resizers[0], work, args, bare, null=False)
+            finally:
+                torch.set_num_threads(one)
         out[kind] = entry
+    if args.no_s3:
+        return out
+    import s3fs
+
+    from tests.s3_server import S3Server
+
+    server = S3Server.start(work / "s3")
+    try:
+        for kind, folder in folders.items():
+            fs = s3fs.S3FileSystem(**server.options, skip_instance_cache=True)
+            prefix = server.url(f"feed-{kind}")
+            for p in sorted(folder.iterdir()):
+                fs.pipe_file(f"{prefix.removeprefix('s3://')}/{p.name}", p.read_bytes())
+            source = as_source(prefix + "/", storage_options=server.options)
+            bare, resizer = out[kind]["pillow_bare_decode_per_s"], args.resizers[0]
+            for size in args.sizes:
+                out[kind][f"{size}/s3/{resizer}"] = _best(source, loaded, size, resizer, work, args, bare)
+    finally:
+        server.stop()
     return out
 
 
@@ -432,13 +458,13 @@ def print_report(report: dict[str, Any]) -> None:
                 for name, ms in val.items():
                     print(f"  {key:<8} {name:<38} {_f(ms)}")
     print("\n== one decode worker through `featstore build` (images/s; ratio to Pillow's bare decode)")
-    print(f"{'kind':<11} {'size/source/resizer':<33} {'worker/s':>9} {'ratio':>6} {'worker ms':>9} {'main ms':>8}")
+    print(f"{'kind':<11} {'size/source/resizer':<40} {'worker/s':>9} {'ratio':>6} {'worker ms':>9} {'main ms':>8}")
     for kind, entry in report["builds"].items():
-        print(f"{kind:<11} {'Pillow bare decode':<33} {entry['pillow_bare_decode_per_s']:>9.1f}")
+        print(f"{kind:<11} {'Pillow bare decode':<40} {entry['pillow_bare_decode_per_s']:>9.1f}")
         for key, r in entry.items():
             if isinstance(r, dict):
                 print(
-                    f"{'':<11} {key:<33} {r['worker_images_per_s']:>9.1f} {r['ratio_to_pillow_bare_decode']:>6.2f} "
+                    f"{'':<11} {key:<40} {r['worker_images_per_s']:>9.1f} {r['ratio_to_pillow_bare_decode']:>6.2f} "
                     f"{_f(r['worker_ms_per_image']):>9} {_f(r['main_ms_per_image']):>8}"
                 )
     print(
@@ -499,16 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         report["decode_ms_glibc_defaults"] = in_worker(decode_defaults, pools, args.repeats, keep=False)
         torch.set_num_threads(1)  # the main process leaves the other core to the worker
         loaded = random_model(_memory.tiny_spec())
-        server = None
-        if not args.no_s3:
-            from tests.s3_server import S3Server
-
-            server = S3Server.start(work / "s3")
-        try:
-            report["builds"] = builds(work, pools, args, loaded, server)
-        finally:
-            if server is not None:
-                server.stop()
+        report["builds"] = builds(work, pools, args, loaded)
     report["gpu_workers"] = gpu_workers(report["builds"], args.sizes)
     report["machine"]["load_average_end"] = list(os.getloadavg())
     report["seconds"] = time.perf_counter() - t_start

@@ -86,9 +86,16 @@ class PatchEncoder:
         self._run = torch.compile(self._forward) if compile else self._forward
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-        return ((x - self._mean) / self._std).to(self.compute_dtype)
+        # Channels first in memory, in a new tensor, before any arithmetic; then the same
+        # arithmetic, in place. Broadcasting the per-channel mean over the channels-last view
+        # ran element by element on the CPU: 0.7-0.9 ms per 224 image on one thread against
+        # 0.17-0.28 (as much as the tiny benchmark model's own forward pass).
+        view = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        x = torch.empty(view.shape, dtype=torch.float32, device=view.device)
+        x.copy_(view)
+        if view.dtype == torch.uint8:
+            x.div_(255)
+        return x.sub_(self._mean).div_(self._std).to(self.compute_dtype)
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,10 @@ megabyte costs about 1 ms in page faults, as much as inflating a 512x512 render:
 libdeflate decode path (`featstore.fastdecode`) ran at 3.6 ms per render with glibc's
 defaults and 1.5 ms with the thresholds below (benchmarks/feed.py measures both).
 
-Decode workers call `keep_freed_memory()` as they start (and a build that decodes in its
-own process, `--workers 0`, calls it there). It raises both thresholds: blocks under 32 MiB come from the heap, and
+The main process's batches do the same (a batch of 16 224x224 images is a 9.6 MB float
+tensor before the model runs, and its activations are as large). So decode workers call
+`keep_freed_memory()` as they start and `featstore.build` in the calling process (which
+also decodes with `--workers 0`). It raises both thresholds: blocks under 32 MiB come from the heap, and
 up to 64 MiB of free heap is kept for reuse. A worker's memory then stays at its peak
 plus at most 64 MiB. Only glibc has these knobs; elsewhere it does nothing.
 """

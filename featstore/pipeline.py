@@ -34,9 +34,11 @@ import torch
 from featstore import memory
 from featstore.batches import EncodingInfo, Failure, ImageBatch, UnitMark, Writer
 from featstore.buildplan import BuildPlan, Target, plan_build
+from featstore.cputhreads import ModelThreads
 from featstore.distributed import ModelUnits, Scheduler
 from featstore.encoder import Encoded, Encoder, PatchEncoder
 from featstore.errors import BuildInterrupted, ConfigError
+from featstore.heap import keep_freed_memory
 from featstore.images import Preprocess
 from featstore.launch import Share, workers_for
 from featstore.loading import LoadedModel, check_preset_options, load_model
@@ -422,8 +424,12 @@ def build(
     `share`: this process's part of a distributed build (default: from `--shard`-less
     launcher variables, see `featstore.launch`); a distributed build cuts the work into
     units of `unit_images` (see `featstore.distributed`).
+
+    The calling process keeps freed memory from here on, as decode workers do
+    (`featstore.heap`): each batch's tensors reuse the last one's pages.
     """
     started = time.perf_counter()
+    keep_freed_memory()
     plan = plan_build(input_dir, [Target(options, store, npy_dir, encoder, loaded), *also], share)
     stop = StopRequest()
     with plan.guards(), stop.handling_signals():
@@ -435,11 +441,17 @@ def build(
             else:
                 work = single_process_work(plan, encoders, outputs)
             reader = _reader(plan, encoders)
+            on_cpu = not plan.share.distributed and all(e.device.type == "cpu" for e in encoders)
+            threads = ModelThreads(reader.workers, applies=on_cpu)
             startup = time.perf_counter() - started
             with progress_factory(work.total) if progress_factory else nullcontext(None) as update:
                 if work.scheduler is not None and update is not None:
                     update = _with_expected_total(update, work.scheduler)
-                ran = run_lanes(work.stream(reader), work.lanes, total=work.total, progress=update, stop=stop)
+                progress = threads.observe if update is None else _both(update, threads.observe)
+                try:
+                    ran = run_lanes(work.stream(reader), work.lanes, total=work.total, progress=progress, stop=stop)
+                finally:
+                    threads.restore()
         except OSError as e:
             _close_stores(outputs)
             raise output_error(e) from None
@@ -459,6 +471,14 @@ def _close_stores(outputs: list[_Outputs]) -> None:
     for out in outputs:
         if out.unit_store is not None:
             out.unit_store.close()
+
+
+def _both(first: ProgressFn, second: ProgressFn) -> ProgressFn:
+    def progress(run: RunResult) -> None:
+        first(run)
+        second(run)
+
+    return progress
 
 
 def _with_expected_total(update: ProgressFn, scheduler: Scheduler) -> ProgressFn:

@@ -316,8 +316,6 @@ class ImageReader:
             supervised.close()
 
     def _loader(self, dataset: Dataset[Sample], workers: int, batches: list[list[int]] | None = None) -> DataLoader:
-        if not workers:  # this process decodes: it keeps freed memory as a worker does
-            keep_freed_memory()
         return DataLoader(
             dataset,
             batch_size=self.batch_size if batches is None else 1,

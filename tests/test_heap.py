@@ -55,8 +55,12 @@ def test_every_decode_worker_keeps_freed_memory(image_dir: Path, tmp_path: Path,
     assert len(pids) == 2 and os.getpid() not in pids
 
 
-def test_a_build_that_decodes_in_its_own_process_keeps_freed_memory_too(image_dir: Path, monkeypatch):
+def test_a_build_keeps_freed_memory_in_its_own_process(image_dir: Path, tmp_path: Path, monkeypatch):
+    from featstore import pipeline
+    from tests.fake_featstore import FakeEncoder
+
     calls = []
-    monkeypatch.setattr(reader, "keep_freed_memory", lambda: calls.append(os.getpid()))
-    batches = list(ImageReader(size=32, grid=4, batch_size=2, workers=0).batches(discover(image_dir)))
-    assert sum(len(b.items) for b in batches) == 5 and calls == [os.getpid()]
+    monkeypatch.setattr(pipeline, "keep_freed_memory", lambda: calls.append(os.getpid()))
+    options = pipeline.BuildOptions(model="fake", size=32, device="cpu", batch_size=2, workers=0)
+    result = pipeline.build(image_dir, options, npy_dir=tmp_path / "out", encoder=FakeEncoder(size=32))
+    assert result.encoded == 5 and calls == [os.getpid()]
