@@ -29,7 +29,7 @@ import torch
 from featstore.launch import host_cpus
 from featstore.runner import RunResult
 
-WINDOW = 8  # batches per measurement
+WINDOW = 4  # batches per measurement (64 images at the CPU default batch of 16)
 WAITING = 0.03  # share of the main thread's time waiting for the reader below which the model is the limit
 
 
