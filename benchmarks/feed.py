@@ -20,7 +20,8 @@
    tar shards, the test S3 server) and resizer (auto, the default: torch's where both
    sides shrink 2x or more, Pillow's elsewhere, masks Pillow's; pillow; torch: from the
    folder only; the other sources with the default). The S3 server runs only for the S3
-   builds (idle, it still takes CPU from the worker: 10-25% of its rate here).
+   builds (idle, it still takes CPU from the worker: about a quarter of its rate on 512
+   renders here, 0.82x against 1.08x in two runs).
    The rate is the worker's marginal one: images over the time between the first
    batch's arrival and the last's (start-up left out), from the build's progress
    callbacks; each kind's inputs are written back to disk (`os.sync`) and built once
@@ -91,6 +92,7 @@ from featstore.sources import as_source  # noqa: E402
 # card's measured matmul rate (benchmarks/README.md, "Targets").
 H100_BF16_MEASURED_TFLOPS = 798.0
 TARGET_MFU = 0.45
+FAST = "featstore fastdecode (libdeflate + libspng)"  # the decode rows' name of featstore's fast path
 TORCH_THREADS = torch.get_num_threads()  # torch's own default here, before this script sets 1
 GPU_MODELS = (("ViT-B/32", (224, 512)), ("ViT-L/14", (224, 518)), ("dinov2-large", (224, 518)))
 
@@ -181,9 +183,6 @@ def decoders(paths: list[Path], repeats: int) -> dict[str, float | None]:
     except ImportError:
         out["opencv imdecode (BGR order)"] = None
     return out
-
-
-FAST = "featstore fastdecode (libdeflate + libspng)"
 
 
 def in_worker(fn: Any, *args: Any, keep: bool = True) -> Any:

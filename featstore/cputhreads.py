@@ -5,8 +5,8 @@ the CPU. A large model is the limit: the workers idle most of the time, and the 
 should keep every core. A small one is not: its threads (which spin between operations)
 take the core a worker needs, both slow down, and fewer model threads make the whole build
 faster. Measured on the project's 2-core machine, one worker, 512x512 renders at 224, with
-the 2-layer DINOv2 of benchmarks/feed.py: 0.74-0.83x of Pillow's bare decode rate with
-torch's 2 threads, 1.0-1.2x with one.
+the 2-layer DINOv2 of benchmarks/feed.py: 0.65-0.86x of Pillow's bare decode rate with
+torch's 2 threads throughout, 0.86-1.33x with one (this VM's run-to-run noise is large).
 
 Which case a build is cannot be told before it runs, so `ModelThreads.observe` (a progress
 callback) measures: after the first batch (workers starting), the images/s of `WINDOW`
@@ -15,9 +15,10 @@ batches with torch's threads. Where the main thread waited for the reader less t
 time to a trial). Otherwise the next `WINDOW` batches run with the cores the workers leave
 (at least one), and the faster of the two counts is kept for the rest of the build (the
 2-layer model above waited 7-13% of its time with 2 threads, and ran 1.3-2x faster with
-one); `restore` puts torch's count back at its end. Nothing changes where OMP_NUM_THREADS is set (the user's choice),
-on a GPU, in a distributed build (`featstore.launch` divides the cores there), without
-decode workers, or where the workers leave every core to the model anyway.
+one); `restore` puts torch's count back at its end. Nothing changes where OMP_NUM_THREADS
+is set (the user's choice), on a GPU, in a distributed build (`featstore.launch` divides
+the cores there), without decode workers, or where the workers leave every core to the
+model anyway.
 """
 
 from __future__ import annotations
