@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -72,42 +73,47 @@ def assert_same_store(a: Where, b: Where) -> None:
         assert ax == ay
 
 
-class AdaptiveKills:
-    """Kill instants that do not depend on the machine's speed: a random delay in
-    [0, window); the window widens after a run that was killed without adding a row
-    (too early to test anything) and narrows after a run that finished before its kill."""
+class ProgressKills:
+    """Kill instants that do not depend on the machine's speed. Each run is killed once it has
+    written a random number of keys (at most an even share of what is left per kill still
+    to come, so the build never finishes first), then after a random part of the time its
+    last batch took, so kills also land inside a write, a commit, a swap or a rebuild."""
 
-    def __init__(self, seed: int, window: float = 0.3) -> None:
+    def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
-        self.window = window
 
-    def delay(self) -> float:
-        return self.rng.uniform(0, self.window)
+    def target(self, before: int, n: int, kills_left: int) -> int:
+        return before + self.rng.randint(1, max(1, (n - before) // (kills_left + 1)))
 
-    def update(self, *, killed: bool, progressed: bool) -> None:
-        if not killed:
-            self.window /= 2
-        elif not progressed:
-            self.window *= 2
+    def kill_when(self, proc: subprocess.Popen[bytes], target: int) -> bool:
+        """Read the worker's "wrote K" lines; kill it once K >= target. False if it ended first."""
+        assert proc.stdout is not None
+        last = time.monotonic()
+        gap = 0.0
+        for line in proc.stdout:
+            now = time.monotonic()
+            gap, last = now - last, now
+            if line.startswith(b"wrote") and int(line.split()[1]) >= target:
+                time.sleep(self.rng.uniform(0, gap))
+                proc.kill()
+                proc.wait()
+                return True
+        proc.wait()
+        return False
 
 
-def kill_and_resume(
-    path: Where, kills: int, n: int, seed: int, env: dict[str, str] | None = None, window: float = 0.3
-) -> list[int]:
-    """Kill a build `kills` times at random moments, checking the store after each; then finish
-    it and compare with an uninterrupted build. Returns the rows after each kill."""
+def kill_and_resume(path: Where, kills: int, n: int, seed: int, env: dict[str, str] | None = None) -> list[int]:
+    """Kill a build `kills` times at random points of its progress, checking the store after
+    each; then finish it and compare with an uninterrupted build. Returns the rows after each kill."""
     keys = all_keys(n)
     cycle = 50 if str(path).endswith(".h5") else 150  # HDF5: rebuild the file often, so kills hit that too
     run_env = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO)}
-    schedule = AdaptiveKills(seed, window)
+    schedule = ProgressKills(seed)
     seen: list[int] = []
-    killed_runs = 0
-    for k in range(50 * kills):  # a bound; only kills after a run committed rows count
-        if killed_runs == kills:
+    for k in range(20 * kills):  # a bound; only kills after a run committed rows count
+        if len(seen) == kills:
             break
         before = assert_prefix_of(path, keys)
-        if before == n:  # finished: start over in a fresh place so that kills land in a build
-            break
         proc = subprocess.Popen(
             [sys.executable, "-m", "tests.store_kill_worker", str(path), str(n), str(cycle), str(k)],
             cwd=REPO,
@@ -116,18 +122,13 @@ def kill_and_resume(
             stderr=subprocess.DEVNULL,
         )
         assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
-        try:
-            proc.wait(timeout=schedule.delay())
-            killed = False
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            killed = True
+        killed = schedule.kill_when(proc, schedule.target(before, n, kills - len(seen)))
+        assert killed, "the build finished before its kill"
         after = assert_prefix_of(path, keys)
-        schedule.update(killed=killed, progressed=after > before)
-        if killed and after > before:  # killed in the middle of a build that was making progress
-            killed_runs += 1
+        assert before <= after < n
+        if after > before:  # killed in the middle of a build that was making progress
             seen.append(after)
+    assert len(seen) == kills, seen
     done = subprocess.run(
         [sys.executable, "-m", "tests.store_kill_worker", str(path), str(n), str(cycle), "99"],
         cwd=REPO,
@@ -158,8 +159,8 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path: Path, suffix: str) ->
 def test_sigkill_during_s3_build_then_rerun_equals_uninterrupted(s3_server, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     for k, v in s3_server.env().items():
         monkeypatch.setenv(k, v)
-    seen = kill_and_resume(s3_server.url("s.zarr"), kills=2, n=400, seed=3, env=s3_server.env(), window=1.0)
-    assert len(seen) == 2 and seen == sorted(seen)
+    seen = kill_and_resume(s3_server.url("s.zarr"), kills=2, n=400, seed=3, env=s3_server.env())
+    assert seen == sorted(seen)
 
 
 @pytest.mark.slow
