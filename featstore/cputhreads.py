@@ -9,16 +9,27 @@ the 2-layer DINOv2 of benchmarks/feed.py: 0.65-0.86x of Pillow's bare decode rat
 torch's 2 threads throughout, 0.86-1.33x with one (this VM's run-to-run noise is large).
 
 Which case a build is cannot be told before it runs, so `ModelThreads.observe` (a progress
-callback) measures: after the first batch (workers starting), the images/s of `WINDOW`
-batches with torch's threads. Where the main thread waited for the reader less than
-`WAITING` of that time, the model is the limit and nothing changes (a large model loses no
-time to a trial). Otherwise the next `WINDOW` batches run with the cores the workers leave
-(at least one), and the faster of the two counts is kept for the rest of the build (the
-2-layer model above waited 7-13% of its time with 2 threads, and ran 1.3-2x faster with
-one); `restore` puts torch's count back at its end. Nothing changes where OMP_NUM_THREADS
-is set (the user's choice), on a GPU, in a distributed build (`featstore.launch` divides
-the cores there), without decode workers, or where the workers leave every core to the
-model anyway.
+callback) watches the main thread's waiting for the reader, which each batch measures
+for itself:
+
+- While the main thread does not wait (beyond `WAITING` of a batch's time), the model is
+  the limit, and nothing changes: a large model keeps every core and loses no time to a
+  trial. The workers' head start also passes this way: the batches they decoded while the
+  model loaded and warmed up come without waiting, and say nothing about the reader.
+- At the first batch it waited for (the first one aside: it includes the start), the
+  reader is the limit with torch's threads. The next `WINDOW` batches run with the cores
+  the workers leave (at least one). If the main thread still waits there, the model's
+  extra threads only took CPU from the reader: the fewer count is kept.
+- Only where fewer threads made the model the limit do the next `WINDOW` batches run with
+  torch's threads again, and the faster of the two windows' counts is kept.
+
+The decision rests on waiting, not on comparing the rates of two short windows where it
+can: on this VM such rates moved by a third from window to window, and the window after
+the first batch ran fast on prefetched batches (a build with the tiny model above kept
+torch's 2 threads after such a comparison, and ran 15% slower). `restore` puts torch's
+count back at the end of the build. Nothing changes where OMP_NUM_THREADS is set (the
+user's choice), on a GPU, in a distributed build (`featstore.launch` divides the cores
+there), without decode workers, or where the workers leave every core to the model anyway.
 """
 
 from __future__ import annotations
@@ -39,34 +50,39 @@ class ModelThreads:
         self.threads = torch.get_num_threads()
         self.fewer = max(1, (cpus or host_cpus()) - workers)
         self.trying = applies and workers > 0 and "OMP_NUM_THREADS" not in os.environ and self.threads > self.fewer
-        self.rates: list[float] = []  # images/s: torch's threads, then fewer
-        self._mark: tuple[int, int, float, float] | None = None  # batches, images, seconds, waiting at its start
+        self.rates: list[float] = []  # images/s of each window: fewer threads, then (maybe) torch's
+        self.waiting: list[float] = []  # the share of each window the main thread waited for the reader
         self._batches = 0
+        self._last = (0, 0.0, 0.0)  # images, seconds, waiting after the previous batch
+        self._mark: tuple[int, int, float, float] | None = None  # batches, images, seconds, waiting at a window's start
 
     def observe(self, run: RunResult) -> None:
         """After each batch."""
         if not self.trying or run.finished:
             return
         self._batches += 1
-        if self._mark is not None and self._batches - self._mark[0] < WINDOW:
+        now = (run.encoded, run.seconds, run.stages.decode_wait)
+        last, self._last = self._last, now
+        if self._mark is None:  # the model is the limit so far
+            took = now[1] - last[1]
+            if self._batches > 1 and took > 0 and (now[2] - last[2]) / took >= WAITING:
+                self._start_window(self.fewer)
             return
-        waited = 0.0
-        if self._mark is not None:
-            images, seconds = run.encoded - self._mark[1], max(run.seconds - self._mark[2], 1e-9)
-            self.rates.append(images / seconds)
-            waited = (run.stages.decode_wait - self._mark[3]) / seconds
-        self._mark = (self._batches, run.encoded, run.seconds, run.stages.decode_wait)  # the first: workers started
-        if not self.rates:
+        if self._batches - self._mark[0] < WINDOW:
             return
-        if len(self.rates) == 1:
-            if waited < WAITING:  # the model is the limit: every core stays its
-                self.trying = False
-                return
+        seconds = max(run.seconds - self._mark[2], 1e-9)
+        self.rates.append((run.encoded - self._mark[1]) / seconds)
+        self.waiting.append((run.stages.decode_wait - self._mark[3]) / seconds)
+        if len(self.rates) == 1 and self.waiting[0] < WAITING:  # fewer made the model the limit: torch's again
+            self._start_window(self.threads)
+            return
+        self.trying = False
+        if len(self.rates) == 2 and self.rates[1] < self.rates[0]:
             torch.set_num_threads(self.fewer)
-        else:
-            self.trying = False
-            if self.rates[1] <= self.rates[0]:
-                torch.set_num_threads(self.threads)
+
+    def _start_window(self, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self._mark = (self._batches, *self._last)
 
     def restore(self) -> None:
         """torch's thread count as it was before the build."""
