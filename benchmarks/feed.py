@@ -15,7 +15,10 @@
    (even the tiny model costs the main process more per image than a worker at 518; the
    rows "tiny model" run it, as the issue measured, and one row with torch's own thread
    count in the main process, as `featstore build` starts, where `featstore.cputhreads`
-   decides); for every input kind (512 and 1024 RGBA renders,
+   decides; and the row "featstore build, tiny model": the CLI as a user runs it, a new
+   process per build with the tiny model saved to a folder and torch's own thread count,
+   its marginal rate from the loop times of a build of the images and one of `CLI_SCALE`
+   times as many); for every input kind (512 and 1024 RGBA renders,
    0.5 MP and 12 MP JPEG photos, RGB PNGs), size (224, 518), source (a folder, WebDataset
    tar shards, the test S3 server) and resizer (auto, the default: torch's where both
    sides shrink 2x or more, Pillow's elsewhere, masks Pillow's; pillow; torch: from the
@@ -47,6 +50,8 @@ import datetime as dt
 import json
 import math
 import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -95,6 +100,8 @@ TARGET_MFU = 0.45
 FAST = "featstore fastdecode (libdeflate + libspng)"  # the decode rows' name of featstore's fast path
 TORCH_THREADS = torch.get_num_threads()  # torch's own default here, before this script sets 1
 GPU_MODELS = (("ViT-B/32", (224, 512)), ("ViT-L/14", (224, 518)), ("dinov2-large", (224, 518)))
+
+CLI_SCALE = 5  # the second `featstore build` of the marginal rate: this many times the images
 
 KINDS: dict[str, dict[str, Any]] = {  # images per build at --images 1.0 (about 2-4 s of work each)
     "render512": {"what": "512x512 RGBA PNG renders", "images": 160},
@@ -351,6 +358,36 @@ def _best(
     return best
 
 
+def cli_rate(small: Path, big: Path, model_dir: Path, size: int, out: Path) -> dict[str, Any]:
+    """`featstore build` as a user runs it: a new process per build (torch's own thread
+    count, so `featstore.cputhreads` decides), the tiny model loaded from a saved folder, one
+    worker; the marginal rate of two builds (the loop times they print), so that start-up
+    and the first batches (the workers' head start, the threads' decision) fall out."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env.pop("OMP_NUM_THREADS", None)
+    loops = []
+    for folder in (small, big):
+        cmd = [sys.executable, "-m", "featstore", "build", "-i", str(folder), "-m", str(model_dir)]
+        cmd += ["--store", str(out), "--overwrite", "--size", str(size), "--device", "cpu", "--workers", "1", "-q"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+        found = re.search(r"encoded (\d+), skipped 0, failed (\d+) in ([0-9.]+) s", proc.stderr + proc.stdout)
+        if proc.returncode != 0 or found is None:
+            raise RuntimeError(f"featstore build failed: {(proc.stderr or proc.stdout)[-500:]}")
+        loops.append((int(found[1]), int(found[2]), float(found[3])))
+    (n0, f0, t0), (n1, f1, t1) = loops
+    failed = f0 + f1
+    rate = (n1 - n0) / (t1 - t0) if t1 > t0 else float("nan")
+    return {
+        "images": n0,
+        "images_second_build": n1,
+        "failed": failed,
+        "loop_s": [t0, t1],
+        "worker_images_per_s": rate,
+        "worker_ms_per_image": 1e3 / rate if rate else None,
+        "main_ms_per_image": None,
+    }
+
+
 def bare_decode_rate(folder: Path, repeats: int) -> float:
     files = sorted(p for p in folder.iterdir() if p.is_file())
     return 1e3 / per_image_ms(lambda p: Image.open(p).load(), files, repeats)
@@ -380,6 +417,16 @@ def builds(work: Path, pools: dict[str, list[Path]], args: argparse.Namespace, l
             for resizer in args.resizers:
                 key = f"224/folder/{resizer}/tiny model"
                 entry[key] = _best(sources["folder"], loaded, 224, resizer, work, args, bare, null=False)
+            model_dir = work / "tiny-model"
+            if not model_dir.exists():
+                loaded.module.save_pretrained(model_dir)
+            big = _images.fill(work / f"in-{kind}-x{CLI_SCALE}", [pool], CLI_SCALE * count)
+            os.sync()
+            print(f"build: {folder} 224 auto (featstore build, tiny model) ...", file=sys.stderr)
+            runs = [cli_rate(folder, big, model_dir, 224, work / "cli.zarr") for _ in range(args.repeats)]
+            best = max(runs, key=lambda r: r["worker_images_per_s"])
+            best["ratio_to_pillow_bare_decode"] = best["worker_images_per_s"] / bare
+            entry[f"224/folder/{args.resizers[0]}/featstore build, tiny model"] = best
             one = torch.get_num_threads()
             torch.set_num_threads(TORCH_THREADS)  # as `featstore build` starts: featstore.cputhreads adapts
             try:
