@@ -16,8 +16,8 @@ for itself:
   the limit, and nothing changes: a large model keeps every core and loses no time to a
   trial. The workers' head start also passes this way: the batches they decoded while the
   model loaded and warmed up come without waiting, and say nothing about the reader.
-- At the first batch it waited for (the first one aside: it includes the start), the
-  reader is the limit with torch's threads. The next `WINDOW` batches run with the cores
+- Once `WAITED` batches in a row waited for it (the first one aside: it includes the
+  start), the reader is the limit with torch's threads. The next `WINDOW` batches run with the cores
   the workers leave (at least one). If the main thread still waits there, the model's
   extra threads only took CPU from the reader: the fewer count is kept.
 - Only where fewer threads made the model the limit do the next `WINDOW` batches run with
@@ -43,6 +43,7 @@ from featstore.runner import RunResult
 
 WINDOW = 4  # batches per measurement (64 images at the CPU default batch of 16)
 WAITING = 0.03  # share of the main thread's time waiting for the reader below which the model is the limit
+WAITED = 2  # batches in a row that waited for the reader: one alone may be a slow file or a busy disk
 
 
 class ModelThreads:
@@ -53,6 +54,7 @@ class ModelThreads:
         self.rates: list[float] = []  # images/s of each window: fewer threads, then (maybe) torch's
         self.waiting: list[float] = []  # the share of each window the main thread waited for the reader
         self._batches = 0
+        self._waited = 0  # batches in a row that waited
         self._last = (0, 0.0, 0.0)  # images, seconds, waiting after the previous batch
         self._mark: tuple[int, int, float, float] | None = None  # batches, images, seconds, waiting at a window's start
 
@@ -65,7 +67,9 @@ class ModelThreads:
         last, self._last = self._last, now
         if self._mark is None:  # the model is the limit so far
             took = now[1] - last[1]
-            if self._batches > 1 and took > 0 and (now[2] - last[2]) / took >= WAITING:
+            waited = self._batches > 1 and took > 0 and (now[2] - last[2]) / took >= WAITING
+            self._waited = self._waited + 1 if waited else 0
+            if self._waited == WAITED:
                 self._start_window(self.fewer)
             return
         if self._batches - self._mark[0] < WINDOW:
