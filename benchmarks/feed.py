@@ -353,6 +353,11 @@ def _best(
     shown = getattr(source, "text", source)
     print(f"build: {shown} {size} {resizer}{'' if null else ' (tiny model)'} ...", file=sys.stderr)
     runs = [build_rate(source, loaded, size, resizer, work / "out.zarr", null=null) for _ in range(args.repeats)]
+    return _fastest(runs, bare)
+
+
+def _fastest(runs: list[dict[str, Any]], bare: float) -> dict[str, Any]:
+    """The run with the highest worker rate, with its ratio to Pillow's bare decode."""
     best = max(runs, key=lambda r: r["worker_images_per_s"])
     best["ratio_to_pillow_bare_decode"] = best["worker_images_per_s"] / bare
     return best
@@ -424,9 +429,7 @@ def builds(work: Path, pools: dict[str, list[Path]], args: argparse.Namespace, l
             os.sync()
             print(f"build: {folder} 224 auto (featstore build, tiny model) ...", file=sys.stderr)
             runs = [cli_rate(folder, big, model_dir, 224, work / "cli.zarr") for _ in range(args.repeats)]
-            best = max(runs, key=lambda r: r["worker_images_per_s"])
-            best["ratio_to_pillow_bare_decode"] = best["worker_images_per_s"] / bare
-            entry[f"224/folder/{args.resizers[0]}/featstore build, tiny model"] = best
+            entry[f"224/folder/{args.resizers[0]}/featstore build, tiny model"] = _fastest(runs, bare)
             one = torch.get_num_threads()
             torch.set_num_threads(TORCH_THREADS)  # as `featstore build` starts: featstore.cputhreads adapts
             try:
