@@ -6,7 +6,9 @@ should keep every core. A small one is not: its threads (which spin between oper
 take the core a worker needs, both slow down, and fewer model threads make the whole build
 faster. Measured on the project's 2-core machine, one worker, 512x512 renders at 224, with
 the 2-layer DINOv2 of benchmarks/feed.py: 0.65-0.86x of Pillow's bare decode rate with
-torch's 2 threads throughout, 0.86-1.33x with one (this VM's run-to-run noise is large).
+torch's 2 threads for nearly all of a 160-image build, 0.86-1.33x with one (this VM's
+run-to-run noise is large); `featstore build` with OMP_NUM_THREADS=2 on other renders,
+0.61-0.72x against 0.85-1.09x with 1.
 
 Which case a build is cannot be told before it runs, so `ModelThreads.observe` (a progress
 callback) watches the main thread's waiting for the reader, which each batch measures
